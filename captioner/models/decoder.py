@@ -1,0 +1,27 @@
+"""The step interface every decoder speaks, so one search serves them all.
+
+    state = decoder.init_state(features)              # features: (B, R, C) grid from the encoder
+    logits, state, attn = decoder.step(tokens, state)  # tokens: (B,) last token; logits: (B, V)
+    state = decoder.reorder_state(state, index)        # beams: pick (and repeat) rows of the batch
+
+``state`` is a dict of tensors whose first dimension is the batch, so reordering is generic.
+Teacher-forced training uses ``decoder(features, tokens) -> (logits (B, T, V), attn)``; tests check
+that it equals running ``step`` token by token.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class StepDecoder(nn.Module):
+    vocab_size: int
+
+    def init_state(self, features: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def step(self, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict, Tensor]:
+        raise NotImplementedError
+
+    def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+        return {k: v.index_select(0, index) for k, v in state.items()}
