@@ -1,11 +1,51 @@
-"""Caption generation over the step interface (see ``decoder.py``): greedy, beam, sampling."""
+"""Caption generation over the step interface (see ``decoder.py``): greedy, beam, sampling.
+
+Every function speaks only ``init_state`` / ``step`` / ``reorder_state``, so one implementation
+serves the LSTM and the Transformer decoders alike. Conventions shared by all of them:
+
+- returned tokens exclude BOS, keep EOS and are padded with ``pad_id`` after it;
+- a caption that reaches ``max_length`` tokens without EOS is cut there (no EOS appended);
+- ``min_length`` is the least number of tokens before EOS (EOS is banned at steps t < min_length);
+- ``no_repeat_ngram_size`` n: no n-gram occurs twice within one caption;
+- attention is returned per generated token, ``(B, L, R)``, heads averaged.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from captioner.models.decoder import StepDecoder
+
+
+def _heads_mean(attn: Tensor) -> Tensor:
+    return attn if attn.dim() == 2 else attn.mean(1)  # (B, R)
+
+
+def _log_probs(logits: Tensor) -> Tensor:
+    # half-precision logits (autocast) are summed over many steps: do it in float32
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.log_softmax(-1)
+
+
+def _ban(logp: Tensor, hist: Tensor, t: int, eos_id: int, min_length: int, ngram: int) -> Tensor:
+    """Set to -inf what the constraints forbid at step t. logp (M, V); hist (M, t) the tokens
+    generated so far by each row."""
+    if t < min_length:
+        logp[:, eos_id] = float("-inf")
+    if ngram > 0 and t >= ngram:
+        # a token is banned if the last n-1 tokens followed by it already occur earlier
+        if ngram == 1:
+            follow, match = hist, torch.ones_like(hist, dtype=torch.bool)  # (M, t)
+        else:
+            windows = hist.unfold(1, ngram - 1, 1)  # (M, t-n+2, n-1)
+            match = (windows[:, :-1] == windows[:, -1:]).all(-1)  # (M, t-n+1)
+            follow = hist[:, ngram - 1 :]  # (M, t-n+1) token after each window
+        hits = torch.zeros_like(logp).scatter_add_(1, follow, match.to(logp.dtype))  # (M, V)
+        logp = logp.masked_fill(hits > 0, float("-inf"))
+    return logp
 
 
 @torch.no_grad()
@@ -16,8 +56,10 @@ def greedy_search(
     eos_id: int,
     pad_id: int,
     max_length: int = 20,
+    min_length: int = 0,
+    no_repeat_ngram_size: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Most likely token at every step, for a whole batch at once.
+    """Most likely (allowed) token at every step, for a whole batch at once.
 
     Returns ``tokens (B, L)`` without BOS (EOS kept, padded with ``pad_id`` after it) and the
     attention of each generated token ``(B, L, R)`` (heads averaged for multi-head decoders).
@@ -28,14 +70,236 @@ def greedy_search(
     last = torch.full((B,), bos_id, dtype=torch.long, device=features.device)
     finished = torch.zeros(B, dtype=torch.bool, device=features.device)
     tokens, attns = [], []
-    for _ in range(max_length):
+    for t in range(max_length):
         logits, state, attn = decoder.step(last, state)  # (B, V)
+        if min_length > t or no_repeat_ngram_size > 0:
+            hist = torch.stack(tokens, 1) if tokens else last.new_empty(B, 0)  # (B, t)
+            logits = _ban(_log_probs(logits), hist, t, eos_id, min_length, no_repeat_ngram_size)
         nxt = logits.argmax(-1)
         nxt = nxt.masked_fill(finished, pad_id)
         tokens.append(nxt)
-        attns.append(attn if attn.dim() == 2 else attn.mean(1))  # (B, R)
+        attns.append(_heads_mean(attn))  # (B, R)
         finished |= nxt == eos_id
         last = nxt
         if finished.all():
             break
     return torch.stack(tokens, 1), torch.stack(attns, 1)
+
+
+def _length_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
+    """GNMT: lp(Y) = ((5 + |Y|) / 6) ** alpha, |Y| counting EOS."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(
+    decoder: StepDecoder,
+    features: Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    beam_size: int = 3,
+    max_length: int = 20,
+    min_length: int = 1,
+    length_penalty: float = 0.0,
+    no_repeat_ngram_size: int = 0,
+    num_return: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Beam search over the whole batch at once: B images x K beams live in B*K rows of the
+    decoder state, advanced by one ``step`` call per time step, with one top-k over K*V per image.
+
+    A hypothesis is ranked by its summed log-prob divided by lp(|Y|) (``length_penalty`` = alpha;
+    0 ranks by raw log-prob). A beam that emits EOS (among the top K candidates) moves to its
+    image's finished pool (best K kept) and is replaced by the next best continuation, so K beams
+    stay alive. An image is done when the ``num_return``-th best finished score can no longer be
+    beaten by any alive beam (log-probs only decrease, so the bound is its score normalised at the
+    most favourable reachable length); done images are dropped from the state, so they stop
+    costing compute. Alive beams reaching ``max_length`` are finalised without EOS.
+
+    Returns tokens ``(B, L)`` (or ``(B, num_return, L)``), the attention of the best hypothesis
+    ``(B, L, R)`` (zeros after its end) and the scores ``(B,)`` (or ``(B, num_return)``), best
+    first. Missing hypotheses (only possible with tiny vocabularies) are all-pad with score -inf.
+    """
+    assert 1 <= num_return <= beam_size, "num_return must be in [1, beam_size]"
+    B, K, dev = features.size(0), beam_size, features.device
+    neg_inf = float("-inf")
+    L = max_length
+
+    # finished pool per image: best K normalised scores, their tokens, lengths and attention
+    pool_score = None  # (B, K), in the dtype of the log-probs
+    pool_tok = torch.full((B, K, L), pad_id, dtype=torch.long, device=dev)
+    pool_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+    pool_attn = None  # (B, K, L, R), allocated once R is known
+
+    # alive beams of the N images still searched; img maps them to the batch
+    img = torch.arange(B, device=dev)  # (N,)
+    state = decoder.reorder_state(decoder.init_state(features), img.repeat_interleave(K))
+    score = torch.full((B, K), neg_inf, device=dev)
+    score[:, 0] = 0.0  # the K beams start identical: only one may expand at first
+    last = torch.full((B * K,), bos_id, dtype=torch.long, device=dev)
+    hist = last.new_empty(B * K, 0)  # (N*K, t) tokens generated so far
+    ahist = None  # (N*K, t, R) their attention
+
+    def add_to_pool(ids, cand_score, cand_tok, cand_attn, cand_len):
+        """Merge candidates (N, C) into the pools of images ``ids`` (N,), keeping the best K."""
+        nonlocal pool_attn
+        n, c, t = cand_tok.shape
+        pad_tok = torch.full((n, c, L - t), pad_id, dtype=torch.long, device=dev)
+        cand_tok = torch.cat([cand_tok, pad_tok], 2)  # (N, C, L)
+        cand_attn = F.pad(cand_attn, (0, 0, 0, L - t))  # (N, C, L, R)
+        all_score = torch.cat([pool_score[ids], cand_score], 1)  # (N, K+C)
+        best_score, best = all_score.topk(K, dim=1)  # (N, K), sorted
+        arange = torch.arange(n, device=dev)[:, None]
+
+        def pick(old, new):  # (B, K, ...), (N, C, ...) -> (N, K, ...) at the best positions
+            return torch.cat([old[ids], new], 1)[arange, best]
+
+        pool_tok[ids] = pick(pool_tok, cand_tok)
+        pool_len[ids] = pick(pool_len, cand_len)
+        pool_attn[ids] = pick(pool_attn, cand_attn)
+        pool_score[ids] = best_score
+
+    for t in range(max_length):
+        N = img.numel()
+        logits, state, attn = decoder.step(last, state)  # (N*K, V)
+        attn = _heads_mean(attn)  # (N*K, R)
+        V = logits.size(-1)
+        logp = _ban(_log_probs(logits), hist, t, eos_id, min_length, no_repeat_ngram_size)
+        if t == 0:  # shapes and dtypes are known now
+            R = attn.size(-1)
+            pool_attn = attn.new_zeros(B, K, L, R)
+            ahist = attn.new_empty(B * K, 0, R)
+            pool_score = logp.new_full((B, K), neg_inf)
+            score = score.to(logp.dtype)
+        cand = (score.view(-1, 1) + logp).view(N, K * V)  # (N, K*V)
+        top_score, top_idx = cand.topk(min(2 * K, K * V), dim=1)  # (N, 2K), sorted
+        top_beam, top_tok = top_idx // V, top_idx % V
+        top_row = top_beam + torch.arange(N, device=dev)[:, None] * K  # (N, 2K) rows of N*K
+        is_eos = top_tok == eos_id
+
+        # EOS among the first K candidates: finished (the others would not even be a top-K beam)
+        fin = is_eos[:, :K] & top_score[:, :K].isfinite()  # (N, K)
+        if fin.any():
+            rows = top_row[:, :K]
+            f_tok = torch.cat([hist[rows], top_tok[:, :K, None]], 2)  # (N, K, t+1)
+            f_attn = torch.cat([ahist[rows], attn[rows][:, :, None]], 2)  # (N, K, t+1, R)
+            f_score = top_score[:, :K] / _length_penalty(t + 1, length_penalty)
+            f_score = f_score.masked_fill(~fin, neg_inf)
+            f_len = torch.full_like(rows, t + 1)
+            add_to_pool(img, f_score, f_tok, f_attn, f_len)
+
+        # the best K non-EOS candidates continue (stable sort keeps the score order)
+        order = is_eos.to(torch.uint8).sort(dim=1, stable=True).indices[:, :K]  # (N, K)
+        a_score = top_score.gather(1, order)
+        a_score = a_score.masked_fill(is_eos.gather(1, order), neg_inf)  # too few non-EOS
+        a_row = top_row.gather(1, order).view(-1)  # (N*K,)
+        a_tok = top_tok.gather(1, order).view(-1)
+        hist = torch.cat([hist[a_row], a_tok[:, None]], 1)  # (N*K, t+1)
+        ahist = torch.cat([ahist[a_row], attn[a_row][:, None]], 1)  # (N*K, t+1, R)
+        score, last = a_score, a_tok
+
+        if t == max_length - 1:  # cut: alive beams are finalised without EOS
+            a_len = torch.full_like(score, t + 1, dtype=torch.long)
+            norm = score / _length_penalty(t + 1, length_penalty)
+            add_to_pool(img, norm, hist.view(N, K, -1), ahist.view(N, K, *ahist.shape[1:]), a_len)
+            break
+
+        # best normalised score any alive beam can still reach (score <= 0 only decreases, lp is
+        # monotone in |Y|, so the best is at one of the two ends of the reachable lengths)
+        bound = torch.maximum(
+            score / _length_penalty(t + 2, length_penalty),
+            score / _length_penalty(max_length, length_penalty),
+        ).amax(1)  # (N,)
+        done = pool_score[img, num_return - 1] >= bound  # -inf >= -inf: nothing left alive
+        if done.all():
+            break
+        if done.any():  # drop finished images from the batch
+            keep = (~done).nonzero().squeeze(1)  # (N',)
+            keep_rows = (keep[:, None] * K + torch.arange(K, device=dev)).view(-1)  # (N'*K,)
+            img, score = img[keep], score[keep]
+            a_row, hist, ahist = a_row[keep_rows], hist[keep_rows], ahist[keep_rows]
+            last = last[keep_rows]
+        state = decoder.reorder_state(state, a_row)  # one gather: beam reorder + image drop
+
+    # trim to the longest returned hypothesis
+    T = max(int(pool_len[:, :num_return].max()), 1)
+    if pool_attn is None:  # max_length 0
+        return pool_tok[:, 0, :0], features.new_zeros(B, 0, 0), features.new_full((B,), neg_inf)
+    tokens, scores = pool_tok[:, :num_return, :T], pool_score[:, :num_return]
+    best_attn = pool_attn[:, 0, :T]
+    if num_return == 1:
+        tokens, scores = tokens[:, 0], scores[:, 0]
+    return tokens, best_attn, scores
+
+
+def generate(
+    decoder: StepDecoder,
+    features: Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    method: str = "greedy",
+    beam_size: int = 3,
+    max_length: int = 20,
+    min_length: int = 1,
+    length_penalty: float = 0.0,
+    no_repeat_ngram_size: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """One entry point for inference: ``tokens (B, L)``, ``attn (B, L, R)``. Beam size 1 is
+    greedy search (the length penalty cannot change a single greedy path)."""
+    if method not in ("greedy", "beam"):
+        raise ValueError(f"unknown decoding method {method!r}")
+    if method == "greedy" or beam_size == 1:
+        return greedy_search(
+            decoder, features, bos_id, eos_id, pad_id, max_length=max_length,
+            min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size,
+        )  # fmt: skip
+    tokens, attn, _ = beam_search(
+        decoder, features, bos_id, eos_id, pad_id, beam_size=beam_size, max_length=max_length,
+        min_length=min_length, length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )  # fmt: skip
+    return tokens, attn
+
+
+def sample(
+    decoder: StepDecoder,
+    features: Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    num_samples: int = 5,
+    max_length: int = 20,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample ``num_samples`` captions per image for self-critical training (gradients flow).
+
+    Rows are image-major: rows i*S .. i*S+S-1 belong to image i. Returns tokens ``(B*S, L)``
+    (pad after EOS), the log-probs of the sampled tokens ``(B*S, L)`` under the distribution they
+    were drawn from (logits / temperature), 0 at pads, and the mask ``(B*S, L)`` of real positions
+    (EOS included).
+    """
+    B, S = features.size(0), num_samples
+    state = decoder.init_state(features)
+    if S > 1:  # one grid projection per image, shared by its samples
+        index = torch.arange(B, device=features.device).repeat_interleave(S)
+        state = decoder.reorder_state(state, index)
+    last = torch.full((B * S,), bos_id, dtype=torch.long, device=features.device)
+    finished = torch.zeros(B * S, dtype=torch.bool, device=features.device)
+    tokens, logps, masks = [], [], []
+    for _ in range(max_length):
+        logits, state, _ = decoder.step(last, state)  # (B*S, V)
+        logp = _log_probs(logits / temperature)  # (B*S, V)
+        with torch.no_grad():
+            nxt = torch.multinomial(logp.exp(), 1).squeeze(1)  # (B*S,)
+        real = ~finished
+        nxt = nxt.masked_fill(finished, pad_id)
+        tok_logp = logp.gather(1, nxt[:, None]).squeeze(1).masked_fill(finished, 0.0)
+        tokens.append(nxt)
+        logps.append(tok_logp)
+        masks.append(real)
+        finished = finished | (nxt == eos_id)
+        last = nxt
+        if finished.all():
+            break
+    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(masks, 1)
