@@ -4,7 +4,7 @@
     logits, state, attn = decoder.step(tokens, state)  # tokens: (B,) last token; logits: (B, V)
     state = decoder.reorder_state(state, index)        # beams: pick (and repeat) rows of the batch
 
-``state`` is a dict of tensors whose first dimension is the batch, so reordering is generic.
+``state`` is a dict of tensors (or tuples of tensors) whose first dimension is the batch, so reordering is generic.
 Teacher-forced training uses ``decoder(features, tokens) -> (logits (B, T, V), attn)``; tests check
 that it equals running ``step`` token by token.
 """
@@ -24,4 +24,11 @@ class StepDecoder(nn.Module):
         raise NotImplementedError
 
     def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
-        return {k: v.index_select(0, index) for k, v in state.items()}
+        return {k: _select(v, index) for k, v in state.items()}
+
+
+def _select(value, index: Tensor):
+    # States may hold tuples (e.g. projected keys and values of multi-head attention).
+    if isinstance(value, tuple):
+        return tuple(_select(v, index) for v in value)
+    return value.index_select(0, index)

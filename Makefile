@@ -1,0 +1,35 @@
+# make demo   — install, generate the embedded data, train, evaluate, caption one image
+# make test   — install, run the default (fast) test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check captioner tests scripts
+
+bench: $(STAMP)
+	$(PY) scripts/bench_metrics.py
+	$(PY) scripts/bench_decode.py
+
+clean:
+	rm -rf outputs multirun bench_results

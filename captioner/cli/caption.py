@@ -1,0 +1,72 @@
+"""python caption.py image.jpg [more.jpg ...] [--checkpoint PATH] [--beam-size K]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_RUNS = Path("outputs/train")
+
+
+def newest_checkpoint(runs: Path = DEFAULT_RUNS) -> Path:
+    """The best checkpoint of the newest run under outputs/train (single and multi runs)."""
+    found = sorted(runs.glob("**/checkpoints/best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoint found under {runs}/ (train one with `python train.py`, "
+            "or pass --checkpoint PATH)"
+        )
+    return found[-1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="caption.py", description="Caption images with a trained checkpoint.")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint (default: best of the newest run under outputs/train)")
+    p.add_argument("--beam-size", type=int, default=None, help="1 = greedy (default: checkpoint's)")
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--attention", type=Path, default=None,
+                   help="write a picture of the attention per word (one image only)")
+    p.add_argument("--batch-size", type=int, default=16)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from captioner.checkpoint import CheckpointError, load_checkpoint
+    from captioner.data.images import ImageLoadError
+    from captioner.inference import caption_files
+
+    try:
+        for path in args.images:
+            p = Path(path)
+            if p.is_dir():
+                raise ImageLoadError(f"{p}: is a directory, not an image")
+            if not p.exists():
+                raise ImageLoadError(f"{p}: image file not found")
+        ckpt = args.checkpoint or newest_checkpoint()
+        model, tokenizer, payload = load_checkpoint(ckpt)
+        decode = dict(payload["decode"])
+        if args.beam_size is not None:
+            decode.update(method="greedy" if args.beam_size == 1 else "beam", beam_size=args.beam_size)
+        if args.max_length is not None:
+            decode["max_length"] = args.max_length
+        results = caption_files(model, tokenizer, args.images, payload["image_size"], decode,
+                                args.batch_size)
+    except (CheckpointError, ImageLoadError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(f"{r['path']}\t{r['caption']}")
+    if args.attention is not None:
+        from captioner.viz.attention import save_attention_figure
+
+        save_attention_figure(results[0], args.attention)
+        print(f"attention picture: {args.attention}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

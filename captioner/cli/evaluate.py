@@ -1,0 +1,75 @@
+"""python evaluate.py ckpt_path=PATH [split=test] [data=...] [decode.beam_size=5]
+
+Writes, into the run's own directory: ``results_{split}.json`` (COCO results format),
+``metrics_{split}.json`` (pycocoevalcap metrics + decoding settings) and
+``per_image_{split}.json`` (caption, references and CIDEr-D per image, worst first)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from captioner.utils.hydra import CONFIG_DIR, register_resolvers
+
+log = logging.getLogger("captioner.evaluate")
+register_resolvers()
+
+TABLE_KEYS = ["bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice"]
+
+
+def format_table(metrics: dict) -> str:
+    keys = [k for k in TABLE_KEYS if k in metrics]
+    head = " | ".join(f"{k:>8}" for k in keys)
+    row = " | ".join(f"{metrics[k]:8.4f}" for k in keys)
+    return f"{head}\n{row}\n(CIDEr-D on the 0-10 scale; papers print it x100)"
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict:
+    from hydra.utils import instantiate
+
+    from captioner.checkpoint import load_checkpoint
+    from captioner.inference import caption_loader
+    from captioner.metrics.coco_eval import evaluate_captions
+    from captioner.utils.io import atomic_write_json
+
+    model, tokenizer, payload = load_checkpoint(cfg.ckpt_path)
+    decode = {**payload["decode"], **{k: v for k, v in OmegaConf.to_container(cfg.decode).items() if v is not None}}
+    datamodule = instantiate(cfg.data, image_size=payload["image_size"], eval_batch_size=cfg.batch_size)
+    datamodule.prepare_data()
+    datamodule.set_tokenizer(tokenizer)
+    split = cfg.split
+    hyps = caption_loader(model, tokenizer, datamodule.dataloader(split), decode)
+    refs = {i: c for i, c in datamodule.references(split).items() if i in hyps}
+    report = evaluate_captions(refs, hyps, spice=cfg.spice)
+
+    out = Path(output_dir)
+    atomic_write_json(out / f"results_{split}.json",
+                      [{"image_id": i, "caption": c} for i, c in sorted(hyps.items())])
+    atomic_write_json(out / f"metrics_{split}.json", {
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()), "split": split, "num_images": len(hyps),
+        "decode": decode, "metrics": report.metrics, "skipped": report.skipped,
+        "cider_scale": "CIDEr-D, 0-10 (x100 in papers)",
+    })
+    per_image = [{"image_id": i, "caption": hyps[i], "references": refs[i],
+                  **{k: v for k, v in report.per_image.get(i, {}).items()}} for i in hyps]
+    per_image.sort(key=lambda r: r.get("cider", 0.0))
+    atomic_write_json(out / f"per_image_{split}.json", per_image)
+    for name, reason in report.skipped.items():
+        log.warning("%s skipped: %s", name, reason)
+    print(format_table(report.metrics))
+    print(f"wrote {out}/results_{split}.json, metrics_{split}.json, per_image_{split}.json")
+    return report.metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""LightningDataModule: caption tables (HF ``datasets``) + images -> padded batches.
+
+A training item is one image with ``captions_per_image`` of its captions, so the encoder runs once
+per image and the decoder sees all k captions (the grid is shared, not recomputed k times).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from captioner.data.captions import CaptionDataError, ImageCaptions, read_split
+from captioner.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, build_transform, load_image
+from captioner.data.tokenizer import encode, train_tokenizer
+
+log = logging.getLogger(__name__)
+datasets.disable_progress_bars()
+
+
+class CaptionImageDataset(Dataset):
+    def __init__(self, table: datasets.Dataset, transform, captions_per_image: int, train: bool,
+                 skip_bad_images: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.table, self.transform, self.k, self.train = table, transform, captions_per_image, train
+        self.skip_bad_images, self.max_pixels = skip_bad_images, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict | None:
+        row = self.table[i]
+        try:
+            image = self.transform(load_image(row["path"], self.max_pixels))
+        except ImageLoadError as e:
+            if not self.skip_bad_images:
+                raise
+            log.warning("skipping bad image: %s", e)
+            return None
+        ids = row["input_ids"]
+        if self.train:  # a random k of the image's captions (with replacement if it has fewer)
+            pick = torch.randperm(len(ids)) if len(ids) >= self.k else torch.randint(len(ids), (self.k,))
+            chosen = [ids[j] for j in pick[: self.k].tolist()]
+        else:
+            chosen = [ids[j % len(ids)] for j in range(self.k)]
+        return {"image": image, "captions": chosen, "image_id": row["image_id"]}
+
+
+class PadCollate:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict | None]) -> dict:
+        items = [x for x in items if x is not None]  # skipped bad images
+        k = len(items[0]["captions"]) if items else 0
+        T = max((len(c) for x in items for c in x["captions"]), default=1)
+        captions = torch.full((len(items), k, T), self.pad_id, dtype=torch.long)  # (B, k, T)
+        for b, x in enumerate(items):
+            for j, c in enumerate(x["captions"]):
+                captions[b, j, : len(c)] = torch.tensor(c)
+        images = torch.stack([x["image"] for x in items]) if items else torch.empty(0)
+        return {"images": images, "captions": captions,
+                "image_ids": torch.tensor([x["image_id"] for x in items], dtype=torch.long)}
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Args:
+        splits: ``{train|val|test: {annotations, images, format: coco|karpathy, split}}``.
+        synthetic: generator parameters; when set, ``prepare_data`` writes the embedded set
+            into ``root`` (once; it is deterministic and idempotent).
+        captions_per_image: captions per image in a training batch (and eval loss).
+        skip_bad_images: count and skip unreadable images instead of failing.
+    """
+
+    def __init__(
+        self,
+        splits: dict,
+        root: str | None = None,
+        synthetic: dict | None = None,
+        image_size: int = 224,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        captions_per_image: int = 5,
+        max_caption_length: int = 30,
+        min_word_frequency: int = 1,
+        max_vocab_size: int | None = None,
+        augment: bool = False,
+        skip_bad_images: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        super().__init__()
+        self.splits, self.root, self.synthetic = dict(splits), root, synthetic
+        self.image_size, self.augment = image_size, augment
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.k = num_workers, captions_per_image
+        self.max_caption_length = max_caption_length
+        self.min_word_frequency, self.max_vocab_size = min_word_frequency, max_vocab_size
+        self.skip_bad_images, self.max_pixels = skip_bad_images, max_pixels
+        self.tokenizer = None
+        self.records: dict[str, list[ImageCaptions]] = {}
+        self.tables: dict[str, datasets.Dataset] = {}
+        self.num_missing_images = 0
+
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            from captioner.data.synthetic import generate
+
+            generate(self.root, **self.synthetic)
+
+    def _records(self, split: str) -> list[ImageCaptions]:
+        if split not in self.records:
+            if split not in self.splits:
+                raise CaptionDataError(f"data.splits has no {split!r} split (has {sorted(self.splits)})")
+            spec = dict(self.splits[split])
+            spec.setdefault("split", split)
+            records = read_split(**spec)
+            missing = [r for r in records if not os.path.isfile(r.path)]
+            if missing and not self.skip_bad_images:
+                raise ImageLoadError(
+                    f"{missing[0].path}: image file not found (named in {spec['annotations']}; "
+                    f"{len(missing)} missing in split {split!r}; data.skip_bad_images=true skips them)"
+                )
+            if missing:
+                log.warning("split %s: skipping %d missing images", split, len(missing))
+                self.num_missing_images += len(missing)
+                records = [r for r in records if os.path.isfile(r.path)]
+            self.records[split] = records
+        return self.records[split]
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Use a given tokenizer (a checkpoint's) instead of training one."""
+        self.tokenizer = tokenizer
+        self.tables.clear()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            captions = [c for r in self._records("train") for c in r.captions]
+            self.tokenizer = train_tokenizer(captions, self.min_word_frequency, self.max_vocab_size)
+
+    def table(self, split: str) -> datasets.Dataset:
+        """The split's caption table, tokenised once with ``datasets.map``."""
+        if split not in self.tables:
+            records = self._records(split)
+            table = datasets.Dataset.from_dict({
+                "image_id": [r.image_id for r in records],
+                "path": [r.path for r in records],
+                "captions": [r.captions for r in records],
+            })
+            tok, L_max = self.tokenizer, self.max_caption_length
+            self.tables[split] = table.map(
+                lambda b: {"input_ids": [encode(tok, caps, L_max) for caps in b["captions"]]},
+                batched=True, keep_in_memory=True,
+            )
+        return self.tables[split]
+
+    def references(self, split: str) -> dict[int, list[str]]:
+        return {r.image_id: r.captions for r in self._records(split)}
+
+    def dataloader(self, split: str, train: bool = False) -> DataLoader:
+        transform = build_transform(self.image_size, train=train, augment=self.augment)
+        ds = CaptionImageDataset(self.table(split), transform, self.k, train,
+                                 self.skip_bad_images, self.max_pixels)
+        return DataLoader(
+            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            num_workers=self.num_workers, collate_fn=PadCollate(self.tokenizer.pad_token_id),
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")

@@ -1,0 +1,45 @@
+"""Encoder + decoder: the nn.Module a checkpoint holds (plain PyTorch, no Lightning)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from captioner.models.search import generate
+
+
+class Captioner(nn.Module):
+    """``decoder`` is a factory (a Hydra ``_partial_``) completed with the vocabulary size and the
+    encoder's channel count, which are only known once the tokenizer and encoder exist."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: Callable[..., nn.Module],
+        vocab_size: int,
+        pad_id: int,
+        bos_id: int,
+        eos_id: int,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder(vocab_size=vocab_size, encoder_dim=encoder.out_dim, pad_id=pad_id)
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.encoder(images)  # (B, R, C)
+
+    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        return self.decoder(self.encode(images), tokens)
+
+    @torch.no_grad()
+    def generate(self, images: Tensor | None = None, features: Tensor | None = None, **decode):
+        """Token ids (B, L) (no BOS, EOS kept, pad after) and attention (B, L, R)."""
+        if features is None:
+            features = self.encode(images)
+        return generate(
+            self.decoder, features, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
+            **decode,
+        )

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny embedded data set and the real Hydra config with tiny overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from captioner.utils.hydra import CONFIG_DIR, register_resolvers
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+register_resolvers()
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+TINY_DATA = [
+    "data.synthetic.num_train=24", "data.synthetic.num_val=8", "data.synthetic.num_test=8",
+    "data.synthetic.image_size=32", "data.image_size=32", "data.batch_size=8",
+    "data.eval_batch_size=8", "data.num_workers=0",
+]
+TINY_MODEL = [
+    "model.encoder.return_layer=layer2", "model.decoder.embed_dim=16",
+    "model.decoder.hidden_size=32", "model.decoder.attention_dim=16",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    from captioner.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, num_train=24, num_val=8, num_test=8, image_size=32, seed=0)
+    return root
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path):
+    """The real config from configs/, as the CLI composes it, with HydraConfig set so that
+    ${hydra:...} interpolations resolve."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def train_cfg(tmp_path, synthetic_root):
+    def make(*overrides: str):
+        return compose_config("train", [
+            f"data.root={synthetic_root}", *TINY_DATA, *TINY_MODEL, "trainer.accelerator=cpu",
+            "trainer.max_epochs=1", "~logger", *overrides,
+        ], tmp_path)
+
+    return make
