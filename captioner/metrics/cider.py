@@ -205,64 +205,50 @@ class CiderD:
         self.log_n = math.log(float(max(self.num_images, 1)))
         self.vocab = Vocab()
         sentences = [s for r in refs_corpus for s in r]
-        img = np.repeat(np.arange(len(refs_corpus), dtype=np.int64),
-                        [len(r) for r in refs_corpus])
         lengths, words = split_sentences(sentences, self.vocab)
         self.base = len(self.vocab) + 1
         # Per order k: sorted table of corpus n-gram codes and their document frequency.
         # Codes are hierarchical: code_1 = word id, code_k = (index of the (k-1)-gram prefix in
-        # table_{k-1} + 1) * base + word id, so any query n-gram can be looked up exactly.
+        # table_{k-1} + 1) * base + word id (exactly ngram_levels' codes), so any query n-gram
+        # can be looked up exactly.
+        nref = np.fromiter(map(len, refs_corpus), dtype=np.int64, count=len(refs_corpus))
+        rmax = max(int(nref.max()) if nref.shape[0] else 1, 1)
+        img = np.repeat(np.arange(nref.shape[0], dtype=np.int64), nref)
+        first = np.cumsum(nref) - nref
+        cells = img * rmax + np.arange(img.shape[0], dtype=np.int64) - first[img]
         self.tables: list[np.ndarray] = []
         self.dfs: list[np.ndarray] = []
-        T = int(words.shape[0])
-        sent_of_tok = np.repeat(np.arange(len(sentences), dtype=np.int64), lengths)
-        starts = np.zeros(len(sentences), dtype=np.int64)
-        if len(sentences) > 1:
-            np.cumsum(lengths[:-1], out=starts[1:])
-        remaining = lengths[sent_of_tok] - (np.arange(T, dtype=np.int64) - starts[sent_of_tok])
-        timg = img[sent_of_tok]
-        cidx = np.full(T, -1, dtype=np.int64)
-        for k in range(1, n + 1):
-            m = T - k + 1
-            valid = remaining[:max(m, 0)] >= k
-            if m <= 0 or not valid.any():
-                self.tables.append(np.zeros(0, np.int64))
-                self.dfs.append(np.zeros(0, np.float64))
-                cidx = np.full(max(m, 0), -1, dtype=np.int64)
-                continue
-            code = words[:m] if k == 1 else (cidx[:m] + 1) * self.base + words[k - 1:]
-            cv = code[valid]
-            table = np.unique(cv)
-            U = int(table.shape[0])
-            dense = np.searchsorted(table, cv)
-            pairs = np.unique(timg[:m][valid] * U + dense)
-            self.tables.append(table)
-            self.dfs.append(np.bincount(pairs % U, minlength=U).astype(np.float64))
-            cidx = np.full(m, -1, dtype=np.int64)
-            cidx[valid] = dense
+        for lv in ngram_levels(lengths, words, len(self.vocab), cells, rmax, 0, n):
+            self.tables.append(lv.codes)
+            self.dfs.append(lv.gram_doc_freq())
 
-    def _lookup(self, words: np.ndarray) -> list[np.ndarray]:
-        """Document frequency of every k-gram starting at each token position (k = 1..n)."""
-        cw = np.where(words < self.base, words, 0)  # words unseen in the corpus -> 0
-        out = []
-        prev = None
-        for k in range(1, self.n + 1):
-            m = max(int(words.shape[0]) - k + 1, 0)
-            table = self.tables[k - 1]
-            if k == 1:
-                code, ok = cw, cw > 0
+    def _df_fn(self, batch_base: int) -> Callable[[Level], np.ndarray]:
+        """Document frequencies for the levels of one batch (called for k = 1..n in order).
+
+        Only the batch's *distinct* n-grams are looked up: a batch code ``(prefix rank + 1) *
+        batch_base + word`` is translated to the corpus code through the corpus index of its
+        prefix, found at the previous order."""
+        state: dict[str, np.ndarray] = {}
+
+        def df_fn(lv: Level) -> np.ndarray:
+            codes = lv.codes
+            table = self.tables[lv.k - 1] if lv.k - 1 < len(self.tables) else np.zeros(0, int)
+            if lv.k == 1:
+                word, ok, ccode = codes, codes < self.base, codes
             else:
-                code = (prev[:m] + 1) * self.base + cw[k - 1:]
-                ok = (prev[:m] >= 0) & (cw[k - 1:] > 0)
-            if table.shape[0] == 0 or m == 0:
-                prev = np.full(m, -1, dtype=np.int64)
-                out.append(np.zeros(m, dtype=np.float64))
-                continue
-            idx = np.minimum(np.searchsorted(table, code), table.shape[0] - 1)
-            found = ok & (table[idx] == code)
-            prev = np.where(found, idx, -1)
-            out.append(np.where(found, self.dfs[k - 1][idx], 0.0))
-        return out
+                prefix, word = np.divmod(codes, batch_base)
+                cp = state["cmap"][prefix - 1]
+                ok = (cp >= 0) & (word < self.base)
+                ccode = (cp + 1) * self.base + word
+            if table.shape[0] == 0:
+                state["cmap"] = np.full(codes.shape[0], -1, dtype=np.int64)
+                return np.zeros(lv.tf.shape[0], dtype=np.float64)
+            idx = np.minimum(np.searchsorted(table, ccode), table.shape[0] - 1)
+            found = ok & (table[idx] == ccode)
+            state["cmap"] = np.where(found, idx, -1)
+            return np.where(found, self.dfs[lv.k - 1][idx], 0.0)[lv.gram_seg]
+
+        return df_fn
 
     def score(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
         if len(hyps) != len(refs):
@@ -285,6 +271,4 @@ class CiderD:
             himg[i] = j
         # a private copy of the vocabulary: words unseen in the corpus get ids >= self.base
         p = prepare([_as_hyp(h) for h in hyps], himg, uniq, Vocab(self.vocab.ids))
-        df_pos = self._lookup(p.words)
-        return _cider_scores(p, self.n, self.sigma, self.log_n,
-                             lambda lv: df_pos[lv.k - 1][lv.pos])
+        return _cider_scores(p, self.n, self.sigma, self.log_n, self._df_fn(p.vocab_size + 1))

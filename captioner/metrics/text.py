@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import chain
 
 import numpy as np
@@ -92,12 +93,22 @@ def ptb_tokenize(caption: str) -> list[str]:
     return out
 
 
+_SIMPLE = re.compile(r"[a-z0-9 ]*\.?[ ]*")
+
+
+@lru_cache(maxsize=1 << 18)
 def tokenize(caption: str) -> str:
     """Lower-case, PTB-tokenize and strip punctuation like pycocoevalcap's ``PTBTokenizer``.
 
     Pure Python; agrees with the Java tokenizer on ordinary captions (punctuation at the ends of
     words, contractions, possessives, quotes, brackets).  Returns space-separated tokens.
+    Results are cached (references are re-tokenized every validation epoch).
     """
+    low = caption.lower()
+    if _SIMPLE.fullmatch(low):  # fast path: words, digits, spaces and a final period
+        toks = low.split()
+        if not toks or toks[-1] not in _ABBREV:
+            return " ".join(low.replace(".", " ").split())
     return " ".join(t for t in ptb_tokenize(caption) if t not in PUNCTUATIONS)
 
 
@@ -193,7 +204,7 @@ class Level:
     group_start: np.ndarray  # index of the first entry of each group
     gram_seg: np.ndarray  # n-gram index of each entry (dense, non-decreasing)
     n_grams: int
-    pos: np.ndarray  # token position of one occurrence of the entry (for per-gram lookups)
+    codes: np.ndarray  # sorted distinct n-gram codes (index = gram_seg)
 
     def ref_doc_freq(self) -> np.ndarray:
         """Per entry: number of images whose references contain the entry's n-gram."""
@@ -204,6 +215,14 @@ class Level:
         first_ref = self.is_ref & ~prev_same  # first reference entry of its group
         df = np.bincount(self.gram_seg, weights=first_ref, minlength=self.n_grams)
         return df[self.gram_seg]
+
+    def gram_doc_freq(self) -> np.ndarray:
+        """Per distinct n-gram (``codes`` order): number of images whose references have it."""
+        if self.tf.shape[0] == 0:
+            return np.zeros(self.n_grams, dtype=np.float64)
+        first = self.is_ref.copy()
+        first[1:] &= ~((self.group[1:] == self.group[:-1]) & self.is_ref[:-1])
+        return np.bincount(self.gram_seg, weights=first, minlength=self.n_grams)
 
 
 def ngram_levels(lengths: np.ndarray, words: np.ndarray, vocab_size: int,
@@ -255,4 +274,4 @@ def ngram_levels(lengths: np.ndarray, words: np.ndarray, vocab_size: int,
                     is_ref=e_slot >= n_hyp_slots, group=np.cumsum(gflag) - 1,
                     group_start=np.flatnonzero(gflag), gram_seg=gram_rank[idx],
                     n_grams=int(gram_rank[-1]) + 1 if gram_rank.shape[0] else 0,
-                    pos=pos_s[idx])
+                    codes=code_s[new_gram])
