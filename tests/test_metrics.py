@@ -10,6 +10,7 @@ import random
 import shutil
 import stat
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,3 +357,34 @@ def test_bench_script_imports():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert callable(mod.main)
+
+
+@needs_java
+@pytest.mark.slow
+def test_read_only_site_packages(tmp_path):
+    """Evaluation works when pycocoevalcap's directory is read-only (bind-mounted ro in a
+    private mount namespace; skipped where that is not permitted)."""
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare not available")
+    pkg = coco_eval._package_dir()
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_metrics import FIXED_REFS, FIXED_HYPS, FIXED_EXPECTED\n"
+        "from captioner.metrics.coco_eval import evaluate_captions\n"
+        "m = evaluate_captions(FIXED_REFS, FIXED_HYPS).metrics\n"
+        "assert all(abs(m[k] - v) < 1e-4 for k, v in FIXED_EXPECTED.items()), m\n"
+        "print('OK')\n"
+    )
+    script = tmp_path / "run.py"
+    script.write_text(code)
+    cmd = (f"mount --bind {pkg} {pkg} && mount -o remount,bind,ro {pkg} || exit 77; "
+           f"if touch {pkg}/.rw_probe 2>/dev/null; then rm -f {pkg}/.rw_probe; exit 77; fi; "
+           f"exec {sys.executable} {script}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True,
+                          timeout=300, check=False, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode == 77 or "unshare failed" in proc.stderr:
+        pytest.skip("cannot create a read-only mount here")
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
