@@ -133,16 +133,16 @@ def beam_search(
 
     # alive beams of the N images still searched; img maps them to the batch
     img = torch.arange(B, device=dev)  # (N,)
-    state = decoder.reorder_state(decoder.init_state(features), img.repeat_interleave(K))
-    score = torch.full((B, K), neg_inf, device=dev)
-    score[:, 0] = 0.0  # the K beams start identical: only one may expand at first
-    last = torch.full((B * K,), bos_id, dtype=torch.long, device=dev)
-    hist = last.new_empty(B * K, 0)  # (N*K, t) tokens generated so far
+    # the K beams of an image would start identical: the first step runs one row per image and
+    # its top-k expands the state to K rows (k beams per image: 1, then K)
+    state, k = decoder.init_state(features), 1
+    score = features.new_zeros(B, 1)  # (N, k) summed log-probs
+    last = torch.full((B,), bos_id, dtype=torch.long, device=dev)
+    hist = last.new_empty(B, 0)  # (N*k, t) tokens generated so far
     ahist = None  # (N*K, t, R) their attention
 
     def add_to_pool(ids, cand_score, cand_tok, cand_attn, cand_len):
         """Merge candidates (N, C) into the pools of images ``ids`` (N,), keeping the best K."""
-        nonlocal pool_attn
         n, c, t = cand_tok.shape
         pad_tok = torch.full((n, c, L - t), pad_id, dtype=torch.long, device=dev)
         cand_tok = torch.cat([cand_tok, pad_tok], 2)  # (N, C, L)
@@ -168,13 +168,15 @@ def beam_search(
         if t == 0:  # shapes and dtypes are known now
             R = attn.size(-1)
             pool_attn = attn.new_zeros(B, K, L, R)
-            ahist = attn.new_empty(B * K, 0, R)
+            ahist = attn.new_empty(B, 0, R)
             pool_score = logp.new_full((B, K), neg_inf)
             score = score.to(logp.dtype)
-        cand = (score.view(-1, 1) + logp).view(N, K * V)  # (N, K*V)
-        top_score, top_idx = cand.topk(min(2 * K, K * V), dim=1)  # (N, 2K), sorted
-        top_beam, top_tok = top_idx // V, top_idx % V
-        top_row = top_beam + torch.arange(N, device=dev)[:, None] * K  # (N, 2K) rows of N*K
+        cand = (score.view(-1, 1) + logp).view(N, k * V)  # (N, k*V)
+        if k * V < K:  # first step with beam > vocab: pad so K beams (some dead) come out
+            cand = F.pad(cand, (0, K - k * V), value=neg_inf)
+        top_score, top_idx = cand.topk(min(2 * K, cand.size(1)), dim=1)  # (N, 2K), sorted
+        top_beam, top_tok = (top_idx // V).clamp(max=k - 1), top_idx % V  # padding: any row
+        top_row = top_beam + torch.arange(N, device=dev)[:, None] * k  # (N, 2K) rows of N*k
         is_eos = top_tok == eos_id
 
         # EOS among the first K candidates: finished (the others would not even be a top-K beam)
@@ -196,7 +198,7 @@ def beam_search(
         a_tok = top_tok.gather(1, order).view(-1)
         hist = torch.cat([hist[a_row], a_tok[:, None]], 1)  # (N*K, t+1)
         ahist = torch.cat([ahist[a_row], attn[a_row][:, None]], 1)  # (N*K, t+1, R)
-        score, last = a_score, a_tok
+        score, last, k = a_score, a_tok, K
 
         if t == max_length - 1:  # cut: alive beams are finalised without EOS
             a_len = torch.full_like(score, t + 1, dtype=torch.long)
