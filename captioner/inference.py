@@ -16,7 +16,10 @@ def caption_loader(model, tokenizer, loader: Iterable[dict], decode: dict) -> di
     model.eval()
     out = {}
     for batch in loader:
-        tokens, _ = model.generate(batch["images"], **decode)
+        if "features" in batch:  # a data module serving cached encoder features
+            tokens, _ = model.generate(features=batch["features"], **decode)
+        else:
+            tokens, _ = model.generate(batch["images"], **decode)
         for image_id, row in zip(batch["image_ids"].tolist(), tokens.tolist()):
             out[image_id] = decode_ids(tokenizer, row)
     return out

@@ -67,11 +67,18 @@ class CaptioningModule(L.LightningModule):
         self._hyps: dict[int, str] = {}
 
     # ---- loss -------------------------------------------------------------------------------
+    def features(self, batch: dict) -> torch.Tensor:
+        """Region features (B, R, C): cached ones when the data module provides them."""
+        if "features" in batch:
+            return batch["features"]
+        return self.model.encode(batch["images"])
+
     def caption_loss(self, batch: dict, regularise: bool = True) -> torch.Tensor:
         captions = batch["captions"]  # (B, k, T)
         B, k, T = captions.shape
         tokens = captions.view(B * k, T)
-        logits, attn = self.model(batch["images"], tokens[:, :-1])  # (B*k, T-1, V), (B*k, T-1, R)
+        # (B*k, T-1, V), (B*k, T-1, R)
+        logits, attn = self.model.decoder(self.features(batch), tokens[:, :-1])
         targets = tokens[:, 1:]
         loss = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
@@ -86,19 +93,20 @@ class CaptioningModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.caption_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["images"].size(0))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["captions"].size(0))
         return loss
 
     # ---- generation metrics -----------------------------------------------------------------
-    def generate_captions(self, images: torch.Tensor, decode: dict) -> list[str]:
-        tokens, _ = self.model.generate(images, **decode)
+    def generate_captions(self, features: torch.Tensor, decode: dict) -> list[str]:
+        tokens, _ = self.model.generate(features=features, **decode)
         return [decode_ids(self.tokenizer, row) for row in tokens.tolist()]
 
     def _eval_step(self, batch: dict, stage: str, decode: dict) -> None:
-        B = batch["images"].size(0)
+        B = batch["captions"].size(0)
         self.log(f"{stage}/loss", self.caption_loss(batch, regularise=False), batch_size=B,
                  sync_dist=True)
-        for image_id, caption in zip(batch["image_ids"].tolist(), self.generate_captions(batch["images"], decode)):
+        captions = self.generate_captions(self.features(batch), decode)
+        for image_id, caption in zip(batch["image_ids"].tolist(), captions):
             self._hyps[image_id] = caption
 
     def _eval_epoch_end(self, stage: str) -> None:
