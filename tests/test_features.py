@@ -1,0 +1,134 @@
+"""Cached frozen-encoder features: equal to a forward pass, keyed so any change invalidates,
+written atomically, served by the data module and used by training."""
+
+import numpy as np
+import pytest
+import torch
+
+import captioner.features.cache as cache_mod
+from captioner.data.datamodule import CaptionDataModule
+from captioner.data.images import build_transform, load_image
+from captioner.features.cache import cached_features
+from captioner.models.encoder import CNNEncoder, EfficientNetLiteEncoder
+
+
+def frozen_encoder():
+    torch.manual_seed(0)
+    return CNNEncoder("resnet18", trainable=False, return_layer="layer2")  # (B, 16, 128) at 32 px
+
+
+def image_paths(root, n):
+    return [str(p) for p in sorted((root / "images" / "train").glob("*.png"))[:n]]
+
+
+def datamodule(root, cache_dir, **kw):
+    splits = {s: {"annotations": str(root / "annotations" / f"captions_{s}.json"),
+                  "images": str(root / "images")} for s in ("train", "val", "test")}
+    dm = CaptionDataModule(splits, image_size=32, batch_size=4, eval_batch_size=4, num_workers=0,
+                           cache_features=True, cache_dir=str(cache_dir), **kw)
+    dm.setup()
+    return dm
+
+
+def test_cached_features_equal_a_forward_pass(synthetic_root, tmp_path):
+    enc = frozen_encoder()
+    dm = datamodule(synthetic_root, tmp_path)
+    dm.set_encoder(enc)
+    batch = next(iter(dm.val_dataloader()))
+    assert "images" not in batch and batch["features"].shape == (4, 16, 128)  # (B, R, C)
+    paths = dm.table("val")["path"][:4]
+    images = torch.stack([build_transform(32)(load_image(p)) for p in paths])
+    with torch.no_grad():
+        direct = enc.eval()(images)
+    torch.testing.assert_close(batch["features"], direct, rtol=1e-5, atol=1e-5)
+    assert batch["captions"].shape[:2] == (4, 5)
+
+
+def test_any_change_gives_a_new_entry_and_same_settings_reuse(synthetic_root, tmp_path, monkeypatch):
+    enc, t32 = frozen_encoder(), build_transform(32)
+    paths = image_paths(synthetic_root, 6)
+    first = cached_features(enc, paths, t32, tmp_path, name="x")
+    calls = []
+    monkeypatch.setattr(cache_mod, "_extract", lambda *a, **k: calls.append(1) or 1 / 0)
+    assert cached_features(enc, paths, t32, tmp_path, name="x").folder == first.folder  # reused
+    monkeypatch.undo()
+    folders = {first.folder}
+    folders.add(cached_features(enc, paths, build_transform(40), tmp_path, name="x").folder)
+    folders.add(cached_features(enc, paths[:5], t32, tmp_path, name="x").folder)
+    folders.add(cached_features(enc, paths, t32, tmp_path, name="x", dtype="float16").folder)
+    with torch.no_grad():
+        enc.blocks[-1][0].conv1.weight.mul_(2)  # other weights, same name
+    folders.add(cached_features(enc, paths, t32, tmp_path, name="x").folder)
+    assert len(folders) == 5 and not calls
+
+
+def test_float16_cache_is_close_to_float32(synthetic_root, tmp_path):
+    enc, t32 = frozen_encoder(), build_transform(32)
+    paths = image_paths(synthetic_root, 4)
+    full = cached_features(enc, paths, t32, tmp_path)
+    half = cached_features(enc, paths, t32, tmp_path, dtype="float16")
+    assert half.features.dtype == np.float16 and full.features.dtype == np.float32
+    torch.testing.assert_close(half[1], full[1], rtol=2e-3, atol=2e-3)
+
+
+def test_interrupted_extraction_leaves_no_entry(synthetic_root, tmp_path):
+    enc, t32 = frozen_encoder(), build_transform(32)
+    paths = image_paths(synthetic_root, 8)
+    real_forward, seen = enc.forward, []
+
+    def dies_on_second_batch(x):
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real_forward(x)
+
+    enc.forward = dies_on_second_batch
+    with pytest.raises(KeyboardInterrupt):
+        cached_features(enc, paths, t32, tmp_path, batch_size=4)
+    assert list(tmp_path.iterdir()) == []  # no entry, no temporary folder
+    enc.forward = real_forward
+    entry = cached_features(enc, paths, t32, tmp_path, batch_size=4)
+    assert len(entry) == 8 and entry.valid.all()
+
+
+def test_unreadable_image_is_skipped_or_named(synthetic_root, tmp_path):
+    enc, t32 = frozen_encoder(), build_transform(32)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    paths = [*image_paths(synthetic_root, 1), str(bad)]
+    with pytest.raises(Exception, match="bad.png"):
+        cached_features(enc, paths, t32, tmp_path / "c")
+    entry = cached_features(enc, paths, t32, tmp_path / "c", skip_bad_images=True)
+    assert entry.valid.tolist() == [True, False]
+
+
+def test_trainable_encoder_is_refused(synthetic_root, tmp_path):
+    dm = datamodule(synthetic_root, tmp_path)
+    dm.set_encoder(CNNEncoder("resnet18", trainable=True, return_layer="layer2"))
+    with pytest.raises(ValueError, match="model.encoder.trainable=false"):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match="augment"):
+        datamodule(synthetic_root, tmp_path, augment=True)
+
+
+def test_training_from_cached_features(train_cfg, tmp_path):
+    from captioner.cli.train import run
+
+    cache = tmp_path / "cache"
+    metrics = run(train_cfg(
+        "model/encoder=efficientnet_lite0", "model.encoder.pretrained=false",
+        "model.encoder.return_layer=3", "++data.cache_features=true", f"++data.cache_dir={cache}",
+        "trainer.fast_dev_run=true",
+    ))
+    assert np.isfinite(metrics["train/loss"])
+    entries = sorted(p.name.split("-")[0] for p in cache.iterdir())
+    assert entries == ["test", "train", "val"]
+
+
+def test_efficientnet_features_cache_keyed_by_weights(synthetic_root, tmp_path):
+    t32 = build_transform(32)
+    paths = image_paths(synthetic_root, 2)
+    torch.manual_seed(0)
+    a = cached_features(EfficientNetLiteEncoder(pretrained=False, return_layer=3), paths, t32, tmp_path)
+    b = cached_features(EfficientNetLiteEncoder(pretrained=True, return_layer=3), paths, t32, tmp_path)
+    assert a.folder != b.folder and a.meta["encoder"]["weights"] is None
