@@ -1,4 +1,5 @@
-"""Show, Attend and Tell: an LSTM decoder with (by default additive) attention over the grid."""
+"""Show, Attend and Tell: an LSTM decoder with (by default additive) attention over the grid,
+optionally with co-attention (caption-aware regions) and the adaptive-attention gate."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from torch import Tensor, nn
 
 from captioner.models.attention import build_attention
 from captioner.models.decoder import StepDecoder
+from captioner.models.fusion import CoAttention, GatedFusion, VisualSentinel
+
+FUSIONS = ("none", "coattention", "gated", "coattention+gated")
+
+
+def parse_fusion(fusion: str, allowed: tuple[str, ...] = FUSIONS) -> set[str]:
+    """'coattention+gated' -> {'coattention', 'gated'}; 'none' -> set()."""
+    if fusion not in allowed:
+        raise ValueError(f"unknown fusion {fusion!r}; choose one of {list(allowed)}")
+    return set() if fusion == "none" else set(fusion.split("+"))
 
 
 class LSTMDecoder(StepDecoder):
@@ -16,6 +27,15 @@ class LSTMDecoder(StepDecoder):
     The initial (h, c) come from the mean region feature, as in the paper. The key projection of
     the attention runs once per batch (``attention.prepare``), not once per step, and the vocabulary
     projection runs once over all steps in teacher-forced training.
+
+    ``fusion`` (``model.decoder.fusion``):
+    - ``coattention``: before attending at step t the regions are refined by attending over the
+      embeddings of the caption so far, tokens <= t (``fusion.CoAttention``, incremental in
+      ``step``); the attention reads the refined regions.
+    - ``gated``: adaptive attention (Lu et al. 2017): a visual sentinel from the new LSTM memory
+      and a gate beta choose per step between the visual context and the language state:
+      logits = fc(dropout(h_t + W c_hat)), c_hat = beta s_t + (1 - beta) context.
+    - ``coattention+gated``: both. ``none`` (default) is plain Show, Attend and Tell.
     """
 
     def __init__(
@@ -29,8 +49,10 @@ class LSTMDecoder(StepDecoder):
         num_heads: int = 1,
         dropout: float = 0.3,
         pad_id: int = 0,
+        fusion: str = "none",
     ):
         super().__init__()
+        fusions = parse_fusion(fusion)
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.attention = build_attention(
@@ -43,27 +65,52 @@ class LSTMDecoder(StepDecoder):
         self.lstm = nn.LSTMCell(embed_dim + ctx_dim, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden_size, vocab_size)
+        # regions (queries) over the caption's embeddings (keys)
+        self.coattention = CoAttention(encoder_dim, embed_dim) if "coattention" in fusions else None
+        self.sentinel = self.gate = self.gate_out = None
+        if "gated" in fusions:
+            self.sentinel = VisualSentinel(embed_dim + ctx_dim, hidden_size)
+            self.gate = GatedFusion(hidden_size, ctx_dim, attention_dim)
+            self.gate_out = nn.Linear(ctx_dim, hidden_size)  # c_hat into the hidden space
 
     def init_state(self, features: Tensor) -> dict:
         mean = features.mean(1)  # (B, C)
-        return {
+        state = {
             "h": self.init_h(mean),  # (B, H)
             "c": self.init_c(mean),
             "features": features,  # (B, R, C)
-            "prepared": self.attention.prepare(features),
         }
+        if self.coattention is None:  # co-attended regions change every step: nothing to cache
+            state["prepared"] = self.attention.prepare(features)
+        return state
 
-    def _cell(self, emb: Tensor, state: dict) -> tuple[Tensor, Tensor, Tensor]:
+    def _cell(self, emb: Tensor, regions: Tensor, prepared: Tensor, state: dict):
+        """One LSTM step reading ``regions`` (B, R, C) -> (h, c, output (B, H), attn)."""
         h, c = state["h"], state["c"]
-        context, attn = self.attention(h, state["features"], prepared=state["prepared"])
+        context, attn = self.attention(h, regions, prepared=prepared)  # (B, ctx)
         context = torch.sigmoid(self.f_beta(h)) * context  # (B, ctx)
-        h, c = self.lstm(torch.cat([emb, context], dim=1), (h, c))
-        return h, c, attn
+        x = torch.cat([emb, context], dim=1)  # (B, E + ctx)
+        h_new, c_new = self.lstm(x, (h, c))
+        out = h_new
+        if self.gate is not None:
+            sentinel = self.sentinel(x, h, c_new)  # (B, H)
+            fused, _ = self.gate(h_new, context, sentinel)  # (B, ctx)
+            out = h_new + self.gate_out(fused)
+        return h_new, c_new, out, attn
 
     def step(self, tokens: Tensor, state: dict) -> tuple[Tensor, dict, Tensor]:
-        h, c, attn = self._cell(self.embedding(tokens), state)
-        state = {**state, "h": h, "c": c}
-        return self.fc(self.dropout(h)), state, attn  # (B, V)
+        emb = self.embedding(tokens)  # (B, E)
+        state = dict(state)
+        if self.coattention is None:
+            regions, prepared = state["features"], state["prepared"]
+        else:
+            co_state = {k[3:]: state.pop(k) for k in list(state) if k.startswith("co_")} or None
+            regions, co_state = self.coattention.step(state["features"], emb, co_state)  # (B, R, C)
+            state.update({f"co_{k}": v for k, v in co_state.items()})
+            prepared = self.attention.prepare(regions)
+        h, c, out, attn = self._cell(emb, regions, prepared, state)
+        state.update(h=h, c=c)
+        return self.fc(self.dropout(out)), state, attn  # (B, V)
 
     def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing. features (B, R, C); tokens (B*k, T) input tokens (BOS first), where k
@@ -75,11 +122,19 @@ class LSTMDecoder(StepDecoder):
             index = torch.arange(features.size(0), device=features.device).repeat_interleave(k)
             state = self.reorder_state(state, index)
         emb = self.embedding(tokens)  # (B*k, T, E)
-        hs, attns = [], []
+        if self.coattention is not None:
+            # every step's refined regions at once, and their key projections in one call
+            regions = self.coattention(state["features"], emb)  # (B*k, T, R, C)
+            prepared = self.attention.prepare(regions)  # (B*k, T, R, P)
+        outs, attns = [], []
         for t in range(tokens.size(1)):
-            h, c, attn = self._cell(emb[:, t], state)
+            if self.coattention is None:
+                step_regions, step_prepared = state["features"], state["prepared"]
+            else:
+                step_regions, step_prepared = regions[:, t], prepared[:, t]
+            h, c, out, attn = self._cell(emb[:, t], step_regions, step_prepared, state)
             state["h"], state["c"] = h, c
-            hs.append(h)
+            outs.append(out)
             attns.append(attn if attn.dim() == 2 else attn.mean(1))
-        hs = torch.stack(hs, 1)  # (B*k, T, H)
-        return self.fc(self.dropout(hs)), torch.stack(attns, 1)
+        outs = torch.stack(outs, 1)  # (B*k, T, H)
+        return self.fc(self.dropout(outs)), torch.stack(attns, 1)
