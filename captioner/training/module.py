@@ -15,6 +15,9 @@ from captioner.metrics.bleu import bleu
 from captioner.metrics.cider import cider_d
 from captioner.metrics.text import tokenize
 from captioner.models.captioner import Captioner
+from captioner.models.search import greedy_search, sample
+from captioner.training.schedules import build_scheduler, scheduled_sampling_prob
+from captioner.training.scst import CiderReward, rewards_and_baseline, self_critical_loss
 
 
 def gather_dict(trainer, local: dict) -> dict:
@@ -30,6 +33,21 @@ def gather_dict(trainer, local: dict) -> dict:
     return merged
 
 
+def attention_penalty(attn: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Doubly stochastic attention regularisation (Show, Attend and Tell): every region should
+    receive about one unit of attention over the caption. attn (N, T, R), real (N, T) the
+    non-pad positions; returns mean over (N, R) of (1 - sum_t attn)^2."""
+    coverage = (attn * real.unsqueeze(-1)).sum(1)  # (N, R)
+    return ((1.0 - coverage) ** 2).mean()
+
+
+def mix_tokens(gold: torch.Tensor, predicted: torch.Tensor, prob: float) -> torch.Tensor:
+    """Scheduled sampling: each gold input token (N,) is replaced by the model's prediction
+    with probability ``prob``."""
+    replace = torch.rand(gold.shape, device=gold.device) < prob
+    return torch.where(replace, predicted, gold)
+
+
 class CaptioningModule(L.LightningModule):
     """Args:
         model: the ``Captioner`` (encoder + decoder).
@@ -38,6 +56,13 @@ class CaptioningModule(L.LightningModule):
         optimizer / scheduler: factories (Hydra ``_partial_``) taking params / optimizer.
         decode: generation settings for test; val_decode: for per-epoch validation metrics.
         alpha_c: doubly stochastic attention regularisation (Show, Attend and Tell).
+        label_smoothing: cross-entropy label smoothing.
+        scheduled_sampling: ``{start, increase, every, max_prob}`` (see
+            ``schedules.scheduled_sampling_prob``; None or max_prob 0: off): teacher forcing
+            with some input tokens replaced by the model's own sampled predictions, the fraction
+            ramping per epoch.
+        scst: ``{num_samples, baseline: greedy|mean, max_length, temperature}`` or None:
+            self-critical training with the CIDEr-D reward instead of cross-entropy.
         image_size: the training image size, stored so that captioning resizes the same way.
     """
 
@@ -53,6 +78,8 @@ class CaptioningModule(L.LightningModule):
         val_decode: dict | None = None,
         alpha_c: float = 1.0,
         label_smoothing: float = 0.0,
+        scheduled_sampling: dict | None = None,
+        scst: dict | None = None,
         image_size: int = 224,
     ):
         super().__init__()
@@ -63,8 +90,16 @@ class CaptioningModule(L.LightningModule):
         self.val_decode = dict(val_decode or self.decode)
         self.alpha_c, self.label_smoothing = alpha_c, label_smoothing
         self.image_size = image_size
-        self.save_hyperparameters(ignore=["model", "tokenizer", "optimizer", "scheduler"])
+        self.scheduled_sampling = dict(scheduled_sampling) if scheduled_sampling else None
+        self.scst = {"num_samples": 5, "baseline": "greedy", "max_length": 20, "temperature": 1.0,
+                     **scst} if scst else None
+        # plain dicts, not the config nodes passed in: checkpoints must load with weights_only
+        self.save_hyperparameters(ignore=["model", "tokenizer", "optimizer", "scheduler",
+                                          "scheduled_sampling", "scst"])
+        self.hparams.update(scheduled_sampling=self.scheduled_sampling, scst=self.scst)
         self._hyps: dict[int, str] = {}
+        self.ss_prob = 0.0  # scheduled-sampling probability of the current epoch
+        self.reward: CiderReward | None = None  # built from the training references at fit start
 
     # ---- loss -------------------------------------------------------------------------------
     def features(self, batch: dict) -> torch.Tensor:
@@ -73,33 +108,99 @@ class CaptioningModule(L.LightningModule):
             return batch["features"]
         return self.model.encode(batch["images"])
 
-    def caption_loss(self, batch: dict, regularise: bool = True) -> torch.Tensor:
+    def caption_loss(self, batch: dict, regularise: bool = True, ss_prob: float = 0.0) -> torch.Tensor:
         captions = batch["captions"]  # (B, k, T)
         B, k, T = captions.shape
         tokens = captions.view(B * k, T)
-        # (B*k, T-1, V), (B*k, T-1, R)
-        logits, attn = self.model.decoder(self.features(batch), tokens[:, :-1])
+        features = self.features(batch)
+        if ss_prob > 0:
+            logits, attn = self.scheduled_sampling_forward(features, tokens[:, :-1], ss_prob)
+        else:
+            logits, attn = self.model.decoder(features, tokens[:, :-1])  # (B*k, T-1, V), (B*k, T-1, R)
         targets = tokens[:, 1:]
         loss = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
             ignore_index=self.model.pad_id, label_smoothing=self.label_smoothing,
         )
         if regularise and self.alpha_c > 0:
-            # Each region should receive about one unit of attention over the caption.
-            real = (targets != self.model.pad_id).unsqueeze(-1)  # (B*k, T-1, 1)
-            coverage = (attn * real).sum(1)  # (B*k, R)
-            loss = loss + self.alpha_c * ((1.0 - coverage) ** 2).mean()
+            loss = loss + self.alpha_c * attention_penalty(attn, targets != self.model.pad_id)
         return loss
 
+    def scheduled_sampling_forward(self, features: torch.Tensor, tokens: torch.Tensor,
+                                   prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing over the step interface (any decoder), where every input after BOS is,
+        with probability ``prob``, a token sampled from the model's previous output instead of
+        the ground truth. features (B, R, C), tokens (B*k, T) -> logits (B*k, T, V), attn
+        (B*k, T, R), like ``decoder(features, tokens)``."""
+        decoder = self.model.decoder
+        state = decoder.init_state(features)
+        k = tokens.size(0) // features.size(0)
+        if k > 1:  # the k captions of an image share its grid
+            index = torch.arange(features.size(0), device=features.device).repeat_interleave(k)
+            state = decoder.reorder_state(state, index)
+        logits, attns = [], []
+        inputs = tokens[:, 0]  # (B*k,) BOS
+        for t in range(tokens.size(1)):
+            if t > 0:
+                with torch.no_grad():  # the choice of input is not differentiated
+                    predicted = torch.multinomial(logits[-1].float().softmax(-1), 1).squeeze(1)
+                inputs = mix_tokens(tokens[:, t], predicted, prob)
+            step_logits, state, attn = decoder.step(inputs, state)  # (B*k, V)
+            logits.append(step_logits)
+            attns.append(attn if attn.dim() == 2 else attn.mean(1))  # (B*k, R)
+        return torch.stack(logits, 1), torch.stack(attns, 1)
+
+    def self_critical_loss(self, batch: dict) -> torch.Tensor:
+        """Sample ``num_samples`` captions per image, reward them with CIDEr-D against the image's
+        references and reinforce those that beat the baseline (``training/scst.py``)."""
+        cfg, decoder, m = self.scst, self.model.decoder, self.model
+        features = self.features(batch)  # (B, R, C)
+        image_ids = batch["image_ids"].tolist()
+        # (B*S, L) image-major samples, log-probs with grad, real-position mask
+        tokens, logprobs, mask = sample(
+            decoder, features, m.bos_id, m.eos_id, m.pad_id, num_samples=cfg["num_samples"],
+            max_length=cfg["max_length"], temperature=cfg["temperature"],
+        )  # fmt: skip
+        greedy = None
+        if cfg["baseline"] == "greedy":  # test-time inference: no dropout
+            decoder.eval()
+            greedy_tokens, _ = greedy_search(decoder, features.detach(), m.bos_id, m.eos_id,
+                                             m.pad_id, max_length=cfg["max_length"])
+            decoder.train()
+            greedy = self.decode_tokens(greedy_tokens)
+        reward, baseline = rewards_and_baseline(
+            self.reward, self.decode_tokens(tokens), image_ids, cfg["num_samples"],
+            cfg["baseline"], greedy, device=logprobs.device,
+        )  # fmt: skip
+        B = len(image_ids)
+        self.log("train/reward", reward.mean(), prog_bar=True, batch_size=B)
+        self.log("train/reward_baseline", baseline.mean(), batch_size=B)
+        return self_critical_loss(logprobs, mask, reward, baseline)
+
+    def on_fit_start(self) -> None:
+        if self.scst is not None and self.reward is None:
+            self.reward = CiderReward(self.trainer.datamodule.references("train"))
+
+    def on_train_epoch_start(self) -> None:
+        if self.scheduled_sampling and self.scheduled_sampling.get("max_prob", 0) > 0:
+            self.ss_prob = scheduled_sampling_prob(self.current_epoch, **self.scheduled_sampling)
+            self.log("train/ss_prob", self.ss_prob)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.caption_loss(batch)
+        if self.scst is not None:
+            loss = self.self_critical_loss(batch)
+        else:
+            loss = self.caption_loss(batch, ss_prob=self.ss_prob)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["captions"].size(0))
         return loss
 
     # ---- generation metrics -----------------------------------------------------------------
+    def decode_tokens(self, tokens: torch.Tensor) -> list[str]:
+        return [decode_ids(self.tokenizer, row) for row in tokens.tolist()]
+
     def generate_captions(self, features: torch.Tensor, decode: dict) -> list[str]:
         tokens, _ = self.model.generate(features=features, **decode)
-        return [decode_ids(self.tokenizer, row) for row in tokens.tolist()]
+        return self.decode_tokens(tokens)
 
     def _eval_step(self, batch: dict, stage: str, decode: dict) -> None:
         B = batch["captions"].size(0)
@@ -142,7 +243,9 @@ class CaptioningModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
+        # warm-up schedules from transformers need the run's length: known once the trainer is
+        scheduler = build_scheduler(self.scheduler_factory, optimizer,
+                                    self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval,
                                  "monitor": "val/cider"}}
