@@ -90,7 +90,7 @@ def test_tied_embeddings_and_options():
     tied, untied = decoder(), decoder(tie_embeddings=False)
     assert tied.head.weight is tied.embedding.weight
     assert untied.head.weight is not untied.embedding.weight
-    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    n = lambda m: sum(p.numel() for p in m.parameters())
     assert n(untied) - n(tied) == V * 16
     with pytest.raises(ValueError, match="fusion"):
         decoder("gated")
