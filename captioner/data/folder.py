@@ -5,8 +5,8 @@ The captions file is JSON lines (``{"file_name": ..., "caption": ...}`` per line
 read with Hugging Face ``datasets``. ``file_name`` is relative to the folder.
 
 Splits are deterministic: images are ordered by a hash of ``seed`` and their file name and cut by
-``fractions`` (exact counts, rounded; at least one image in every split with a non-zero fraction
-when there are enough images). The same rule, ``split_by_hash``, splits one COCO split into two
+``fractions`` (exact counts, rounded; a split with a non-zero fraction that rounds to no image
+takes one from the largest split). The same rule, ``split_by_hash``, splits one COCO split into two
 (coco-mini's val2017 -> val + test).
 """
 
@@ -25,25 +25,22 @@ FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 def split_by_hash(names: list[str], fractions: dict[str, float], seed: int = 0) -> dict[str, str]:
     """{name: split}. Order by sha1(f"{seed}:{name}"), then give each split its share in the
-    order of ``fractions`` (exact counts; the last split takes the rounding remainder)."""
+    order of ``fractions`` (exact counts; the largest split takes the rounding remainder)."""
     if not fractions or any(f < 0 for f in fractions.values()) or sum(fractions.values()) <= 0:
         raise CaptionDataError(f"split fractions must be non-negative with a positive sum: {fractions}")
     total = sum(fractions.values())
     order = sorted(set(names), key=lambda n: hashlib.sha1(f"{seed}:{n}".encode()).hexdigest())
-    counts, given = {}, 0
-    splits = list(fractions)
-    for s in splits[:-1]:
-        n = round(len(order) * fractions[s] / total)
-        if fractions[s] > 0 and n == 0 and len(order) - given > 1:
-            n = 1
-        counts[s] = min(n, len(order) - given)
-        given += counts[s]
-    counts[splits[-1]] = len(order) - given
+    counts = {s: round(len(order) * f / total) for s, f in fractions.items()}
+    counts[max(counts, key=counts.get)] += len(order) - sum(counts.values())  # rounding remainder
+    for s, f in fractions.items():  # a wanted split that rounded to nothing takes one image
+        biggest = max(counts, key=counts.get)
+        if f > 0 and counts[s] == 0 and counts[biggest] > 1:
+            counts[s], counts[biggest] = 1, counts[biggest] - 1
     out, start = {}, 0
-    for s in splits:
-        for name in order[start : start + counts[s]]:
+    for s, n in counts.items():
+        for name in order[start : start + n]:
             out[name] = s
-        start += counts[s]
+        start += n
     return out
 
 
