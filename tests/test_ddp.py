@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +25,6 @@ def test_ddp_validation_counts_every_image_once(tmp_path):
     ]
     done = subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True, text=True)
     assert "Starting with 2 processes" in done.stdout + done.stderr  # really distributed
-    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").read_text().splitlines()))
     counts = [float(r["val/num_images"]) for r in rows if r.get("val/num_images")]
     assert counts == [9.0]

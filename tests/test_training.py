@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -17,7 +16,10 @@ from captioner.training.init_from import InitFromCheckpoint
 from captioner.training.module import CaptioningModule, attention_penalty, mix_tokens
 from captioner.training.schedules import build_scheduler, scheduled_sampling_prob
 from captioner.training.scst import (
-    CiderReward, leave_one_out_baseline, rewards_and_baseline, self_critical_loss,
+    CiderReward,
+    leave_one_out_baseline,
+    rewards_and_baseline,
+    self_critical_loss,
 )
 
 
