@@ -1,5 +1,10 @@
 """Self-contained checkpoints: weights + model config + tokenizer + decoding settings, all plain
-data, so ``torch.load(weights_only=True)`` reads them and a checkpoint alone can caption."""
+data, so ``torch.load(weights_only=True)`` reads them and a checkpoint alone can caption.
+
+Every way a file can fail to be one (missing, a directory, not a torch file, truncated, unsafe
+pickle, a Lightning checkpoint without our payload, another format version, weights that do not
+fit the stored config, a config that differs from the one a resumed run asks for) is a
+``CheckpointError`` naming the file."""
 
 from __future__ import annotations
 
@@ -8,12 +13,14 @@ from pathlib import Path
 import torch
 
 from captioner.data.tokenizer import tokenizer_from_json, tokenizer_to_json
+from captioner.utils.errors import InputError
 
 FORMAT_VERSION = 1
 KEY = "captioner"
+PAYLOAD_FIELDS = ("format_version", "model_config", "tokenizer", "decode", "image_size")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A file that is not a usable captioner checkpoint; the message names it."""
 
 
@@ -39,25 +46,85 @@ def build_model(model_config: dict):
     return instantiate(model_config)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """-> (model in eval mode, tokenizer, payload: ``decode``, ``image_size``, ``model_config``)."""
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """The whole checkpoint dict (Lightning state + our payload under ``KEY``), checked to be a
+    captioner checkpoint of this format version. Loaded with ``weights_only=True``: a checkpoint
+    cannot run code."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or unsafe contents
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or KEY not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path}: not a captioner checkpoint (no '{KEY}' payload)")
-    payload = ckpt[KEY]
+    except Exception as e:  # not a torch file, truncated, or contents that are not plain data
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: not a readable checkpoint: truncated, not a torch file, or "
+                              f"holding objects other than plain data ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    payload = ckpt.get(KEY)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: a Lightning checkpoint without the '{KEY}' payload "
+                              "(not saved by captioner's training)")
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version}, this captioner reads {FORMAT_VERSION}")
-    model = build_model(payload["model_config"])
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    missing = [k for k in PAYLOAD_FIELDS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: '{KEY}' payload lacks {missing}")
+    return ckpt
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_same_model_config(path, stored: dict, wanted: dict) -> None:
+    """Resuming needs the checkpoint's architecture: name every key that differs."""
+    a, b = _flatten(stored), _flatten(wanted)
+    diff = [f"model.{k}: checkpoint {a.get(k, '<absent>')!r}, config {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    if diff:
+        raise CheckpointError(f"{path}: saved for a different model config; " + "; ".join(diff[:10])
+                              + (f"; and {len(diff) - 10} more" if len(diff) > 10 else ""))
+
+
+def load_weights(path, model: torch.nn.Module, state_dict: dict) -> None:
+    """``model.load_state_dict`` with an error naming the missing, unexpected and mis-shaped
+    tensors instead of torch's multi-page message."""
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    problems = ([f"shapes differ (checkpoint vs model): {', '.join(shapes[:5])}"] if shapes else []) \
+        + ([f"missing: {', '.join(missing[:5])}"] if missing else []) \
+        + ([f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else [])
+    if problems:
+        raise CheckpointError(f"{path}: weights do not fit the model config: " + "; ".join(problems))
+    model.load_state_dict(state_dict)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """-> (model in eval mode, tokenizer, payload: ``decode``, ``image_size``, ``model_config``)."""
+    ckpt = read_checkpoint(path, map_location)
+    payload = ckpt[KEY]
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model config stored in it: {str(e)[:300]}") from None
-    return model.eval(), tokenizer_from_json(payload["tokenizer"]), payload
+        model = build_model(payload["model_config"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # hydra's InstantiationException and friends
+        raise CheckpointError(f"{path}: stored model config does not build: {str(e).splitlines()[0][:300]}") from None
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    load_weights(path, model, state)
+    try:
+        tokenizer = tokenizer_from_json(payload["tokenizer"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: stored tokenizer does not load ({type(e).__name__}: {e})") from None
+    return model.eval(), tokenizer, payload

@@ -11,9 +11,11 @@ DEFAULT_RUNS = Path("outputs/train")
 
 def newest_checkpoint(runs: Path = DEFAULT_RUNS) -> Path:
     """The best checkpoint of the newest run under outputs/train (single and multi runs)."""
+    from captioner.checkpoint import CheckpointError
+
     found = sorted(runs.glob("**/checkpoints/best*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"no checkpoint found under {runs}/ (train one with `python train.py`, "
             "or pass --checkpoint PATH)"
         )
@@ -35,9 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from captioner.checkpoint import CheckpointError, load_checkpoint
+    from captioner.checkpoint import load_checkpoint
     from captioner.data.images import ImageLoadError
     from captioner.inference import caption_files
+    from captioner.utils.errors import InputError
 
     try:
         for path in args.images:
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
             decode["max_length"] = args.max_length
         results = caption_files(model, tokenizer, args.images, payload["image_size"], decode,
                                 args.batch_size)
-    except (CheckpointError, ImageLoadError, FileNotFoundError) as e:
+    except InputError as e:  # bad image or checkpoint: one line naming it, nothing written
         print(f"error: {e}", file=sys.stderr)
         return 2
     for r in results:

@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from captioner.utils.hydra import CONFIG_DIR, register_resolvers
+from captioner.utils.hydra import CONFIG_DIR, exit_on_bad_input, register_resolvers
 
 log = logging.getLogger("captioner.evaluate")
 register_resolvers()
@@ -68,7 +68,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    with exit_on_bad_input(log):
+        run(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,39 @@
-"""python train.py [overrides]: compose the config, build data/model/trainer, fit, test."""
+"""python train.py [overrides]: compose the config, build data/model/trainer, fit, test.
+
+``ckpt_path=last`` resumes the newest run in its own directory (``ckpt_path=PATH``: that
+checkpoint, in its run's directory when it lies in one), with the checkpoint's tokenizer and
+model config; the final result equals an uninterrupted run with the same seed (see
+``training/seeding.py``). ``metrics.json`` in the run directory holds the final metrics."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from captioner.utils.hydra import CONFIG_DIR, register_resolvers
+from captioner.utils.hydra import CONFIG_DIR, LAST_CHECKPOINT, exit_on_bad_input, register_resolvers
 
 log = logging.getLogger("captioner.train")
 register_resolvers()
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from: ``ckpt_path`` as given, ``last`` = this run directory's
+    ``checkpoints/last.ckpt`` (the ``run_dir`` resolver chose the directory of the newest run)."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        path = Path(cfg.paths.output_dir) / LAST_CHECKPOINT
+        if not path.is_file():
+            from captioner.checkpoint import CheckpointError
+
+            raise CheckpointError(f"ckpt_path=last: no earlier run with {LAST_CHECKPOINT} under "
+                                  f"{Path(cfg.paths.log_dir) / cfg.task_name} to resume")
+        return path
+    return Path(ckpt_path)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -19,17 +42,27 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     from hydra.utils import instantiate
 
-    from captioner.checkpoint import build_model
+    from captioner.checkpoint import KEY, build_model, check_same_model_config, read_checkpoint
+    from captioner.data.tokenizer import tokenizer_from_json
+    from captioner.training.checkpoint_io import AtomicCheckpointIO
     from captioner.training.module import CaptioningModule
+    from captioner.training.resume import ExactResume
+    from captioner.utils.io import atomic_write_json
 
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resume_checkpoint(cfg)
+    resumed = read_checkpoint(ckpt_path)[KEY] if ckpt_path else None  # checked before any work
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
+    if resumed:  # the checkpoint's vocabulary, not one retrained on possibly changed data
+        datamodule.set_tokenizer(tokenizer_from_json(resumed["tokenizer"]))
     datamodule.setup("fit")
     tok = datamodule.tokenizer
     model_config = OmegaConf.to_container(cfg.model, resolve=True)
     model_config.update(vocab_size=len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
                         eos_id=tok.eos_token_id)
+    if resumed:
+        check_same_model_config(ckpt_path, resumed["model_config"], model_config)
     model = build_model(model_config)
     module = CaptioningModule(
         model=model, tokenizer=tok, model_config=model_config,
@@ -42,11 +75,16 @@ def run(cfg: DictConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("vocabulary %d words, model %.2fM parameters", len(tok), n_params / 1e6)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks.append(ExactResume(cfg.seed))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     if not loggers:  # a learning-rate monitor has nothing to write to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          plugins=[AtomicCheckpointIO()])
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -54,12 +92,15 @@ def run(cfg: DictConfig) -> dict:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         if best:
             log.info("best checkpoint: %s", best)
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        atomic_write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with exit_on_bad_input(log):
+        run(cfg)
 
 
 if __name__ == "__main__":

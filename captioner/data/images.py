@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from captioner.utils.errors import InputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 100_000_000
+WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit scans and PNGs, 32-bit int TIFFs
 
 
-class ImageLoadError(RuntimeError):
+class ImageLoadError(InputError, RuntimeError):
     """An image could not be read; the message names the file."""
 
 
 def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Any PIL mode -> RGB, EXIF orientation applied, refusing decompression bombs."""
+    """Any PIL mode -> RGB, EXIF orientation applied, refusing decompression bombs.
+
+    The size check reads only the header, so a small file claiming huge dimensions is refused
+    before any pixel is decoded. 16/32-bit integer images are taken as 16-bit data (value / 256);
+    transparent images are composed onto white."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -28,21 +36,27 @@ def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
                         f"{path}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}"
                     )
                 img = ImageOps.exif_transpose(img)
-                if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    img = img.point(lambda v: v / 256).convert("L")  # 16-bit -> 8-bit
-                if img.mode in ("RGBA", "LA", "P"):
+                if img.mode in WIDE_INTEGER_MODES:  # PIL's point() misses big-endian I;16B
+                    pixels = np.asarray(img, dtype=np.float64) / 256
+                    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))  # L
+                if img.mode in ("RGBA", "LA", "P", "PA"):
                     img = img.convert("RGBA")
                     background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                     img = Image.alpha_composite(background, img)
                 return img.convert("RGB")
+    except ImageLoadError:
+        raise
     except FileNotFoundError:
         raise ImageLoadError(f"{path}: image file not found") from None
     except IsADirectoryError:
         raise ImageLoadError(f"{path}: is a directory, not an image") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{path}: not a readable image ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise ImageLoadError(f"{path}: corrupt or truncated image ({e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: not a readable image (unknown format, empty or not an image)") from None
+    except Exception as e:  # truncated or corrupt data: decoders raise OSError, SyntaxError,
+        # ValueError, EOFError, struct.error, IndexError... depending on the format and the damage
+        raise ImageLoadError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
 def build_transform(image_size: int, train: bool = False, augment: bool = False):
