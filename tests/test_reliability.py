@@ -23,7 +23,7 @@ from captioner.utils.io import atomic_open, leftover_temp_files
 ROOT = Path(__file__).resolve().parents[1]
 # ReduceLROnPlateau with patience 0 and an unreachable threshold halves the LR after every
 # epoch but the first: a scheduler step lost on resume changes the result.
-EXACT = ["trainer.max_epochs=3", "trainer.limit_train_batches=2", "test=false",
+EXACT = ["trainer.max_epochs=2", "trainer.limit_train_batches=2", "test=false",
          "scheduler.patience=0", "+scheduler.threshold=100.0"]
 
 
@@ -62,6 +62,16 @@ def assert_same_training_state(a: Path, b: Path):
         torch.testing.assert_close(cb["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+# ---- a trained checkpoint, shared ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, synthetic_root) -> Path:
+    out = tmp_path_factory.mktemp("ckpt_run")
+    train_run(compose_config("train", [
+        f"data.root={synthetic_root}", *TINY_DATA, *TINY_MODEL, "trainer.accelerator=cpu",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=1", "test=false", "~logger"], out))
+    return out / "checkpoints" / "last.ckpt"
+
+
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path, synthetic_root):
     def cfg(out, *extra):
         return compose_config("train", [f"data.root={synthetic_root}", *TINY_DATA, *TINY_MODEL,
@@ -70,10 +80,10 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, synthetic_root):
     straight = train_run(cfg(tmp_path / "straight"))
     crashing = cfg(tmp_path / "resumed")
     with open_dict(crashing):
-        crashing.callbacks.crash = {"_target_": "test_reliability.CrashInEpoch", "epoch": 2}
+        crashing.callbacks.crash = {"_target_": "test_reliability.CrashInEpoch", "epoch": 1}
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_run(crashing)
-    assert torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)["epoch"] == 0
     resumed = train_run(cfg(tmp_path / "resumed", "ckpt_path=last"))
     for key in ("val/cider", "val/bleu4", "val/loss", "train/loss"):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-7), key
@@ -82,10 +92,8 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, synthetic_root):
     assert json.loads((tmp_path / "resumed/metrics.json").read_text()) == resumed
 
 
-def test_resume_takes_tokenizer_from_checkpoint_and_refuses_other_model(train_cfg, tmp_path, monkeypatch):
-    train_run(train_cfg("trainer.limit_train_batches=1", "test=false"))
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    _, tokenizer, _ = load_checkpoint(ckpt)
+def test_resume_takes_tokenizer_from_checkpoint_and_refuses_other_model(checkpoint, train_cfg, monkeypatch):
+    _, tokenizer, _ = load_checkpoint(checkpoint)
 
     import captioner.data.datamodule as dm
 
@@ -96,11 +104,11 @@ def test_resume_takes_tokenizer_from_checkpoint_and_refuses_other_model(train_cf
     seen = {}
     monkeypatch.setattr(dm.CaptionDataModule, "set_tokenizer",
                         lambda self, tok: seen.update(vocab=tok.get_vocab()) or setattr(self, "tokenizer", tok))
-    train_run(train_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=1", "test=false",
-                        f"ckpt_path={ckpt}"))
-    assert seen["vocab"] == tokenizer.get_vocab()
+    metrics = train_run(train_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=1", "test=false",
+                                  f"ckpt_path={checkpoint}"))
+    assert seen["vocab"] == tokenizer.get_vocab() and "val/cider" in metrics
     with pytest.raises(CheckpointError, match=r"different model config.*hidden_size: checkpoint 32, config 48"):
-        train_run(train_cfg("trainer.max_epochs=3", "model.decoder.hidden_size=48", f"ckpt_path={ckpt}"))
+        train_run(train_cfg("trainer.max_epochs=3", "model.decoder.hidden_size=48", f"ckpt_path={checkpoint}"))
 
 
 def test_ckpt_path_last_without_a_run_is_a_clear_error(train_cfg):
@@ -179,7 +187,7 @@ def test_sigkill_mid_epoch_then_resume_last_equals_uninterrupted_run(tmp_path, s
 
     marker = tmp_path / "paused"
     proc = subprocess.Popen(base + ["+callbacks.pause._target_=test_reliability.PauseInEpoch",
-                                    "+callbacks.pause.epoch=2", f"+callbacks.pause.marker={marker}"],
+                                    "+callbacks.pause.epoch=1", f"+callbacks.pause.marker={marker}"],
                             cwd=tmp_path / "b", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -247,16 +255,6 @@ def test_write_killed_midway_leaves_old_file_and_next_write_clears_temp(tmp_path
     with atomic_open(path, remove_stale=True) as f:
         f.write(b"new")
     assert path.read_bytes() == b"new" and not leftover_temp_files(path)
-
-
-# ---- safe checkpoints ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, synthetic_root) -> Path:
-    out = tmp_path_factory.mktemp("ckpt_run")
-    train_run(compose_config("train", [
-        f"data.root={synthetic_root}", *TINY_DATA, *TINY_MODEL, "trainer.accelerator=cpu",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=1", "test=false", "~logger"], out))
-    return out / "checkpoints" / "last.ckpt"
 
 
 class NotPlainData:
