@@ -15,6 +15,7 @@ from captioner.metrics.bleu import bleu
 from captioner.metrics.cider import cider_d
 from captioner.metrics.text import tokenize
 from captioner.models.captioner import Captioner
+from captioner.models.encoder import encoder_param_groups
 from captioner.models.search import greedy_search, sample
 from captioner.training.schedules import build_scheduler, scheduled_sampling_prob
 from captioner.training.scst import CiderReward, rewards_and_baseline, self_critical_loss
@@ -182,6 +183,10 @@ class CaptioningModule(L.LightningModule):
             self.reward = CiderReward(self.trainer.datamodule.references("train"))
 
     def on_train_epoch_start(self) -> None:
+        encoder = self.model.encoder
+        after = getattr(encoder, "finetune_after_epoch", None)
+        if after is not None and self.current_epoch >= after:  # idempotent, also after a resume
+            encoder.set_trainable(encoder.trainable_layers)
         if self.scheduled_sampling and self.scheduled_sampling.get("max_prob", 0) > 0:
             self.ss_prob = scheduled_sampling_prob(self.current_epoch, **self.scheduled_sampling)
             self.log("train/ss_prob", self.ss_prob)
@@ -239,8 +244,12 @@ class CaptioningModule(L.LightningModule):
 
     # ---- optimisation and checkpoints ---------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params=params)
+        # The encoder's tunable weights get their own group (own lr) from the start, even while
+        # frozen: parameters without gradients are skipped, so unfreezing needs no rebuild.
+        encoder_groups = encoder_param_groups(self.model.encoder)
+        in_encoder = {id(p) for g in encoder_groups for p in g["params"]}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in in_encoder]
+        optimizer = self.optimizer_factory(params=[{"params": rest}, *encoder_groups])
         if self.scheduler_factory is None:
             return optimizer
         # warm-up schedules from transformers need the run's length: known once the trainer is
