@@ -1,7 +1,7 @@
 """Train each decoder variant for the same number of epochs on the embedded set and compare.
 
     python scripts/compare_decoders.py [--epochs 2] [--variants lstm_additive transformer]
-                                       [--threads 2] [--out outputs/compare_decoders] [KEY=VALUE ...]
+                                       [--threads 2] [--out DIR] [KEY=VALUE ...]
 
 Variants (the experiment presets, demo-sized: ResNet-18 cut after layer3, 64x64 images):
     lstm_additive           experiment=lstm_attention
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from captioner.utils.io import atomic_write_bytes, atomic_write_json
 
 VARIANTS = {
     "lstm_additive": ["experiment=lstm_attention"],
@@ -129,10 +131,13 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--steps", type=int, default=10, help="timed training steps for images/s")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("outputs/compare_decoders"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: outputs/compare_decoders/<date>_<time> (never an earlier run's)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every variant")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.out is None:
+        args.out = Path("outputs/compare_decoders") / time.strftime("%Y-%m-%d_%H-%M-%S")
     args.out.mkdir(parents=True, exist_ok=True)
 
     rows = []
@@ -141,13 +146,13 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     env = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or
            platform.machine(), "epochs": args.epochs, "overrides": args.overrides}
-    (args.out / "compare_decoders.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    atomic_write_json(args.out / "compare_decoders.json", {"env": env, "rows": rows})
     header = (f"Embedded set, {args.epochs} epoch(s) each, {args.threads} CPU thread(s), torch "
               f"{torch.__version__}; test = beam 3 on the best checkpoint (val CIDEr-D).")
     if args.overrides:
         header += f" Overrides: `{' '.join(args.overrides)}`."
     table = markdown(rows, header)
-    (args.out / "compare_decoders.md").write_text(table)
+    atomic_write_bytes(args.out / "compare_decoders.md", table.encode())
     print(table)
 
 

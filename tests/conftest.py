@@ -29,6 +29,15 @@ TINY_MODEL = [
 ]
 
 
+def eval_config(ckpt, synthetic_root, output_dir, *overrides: str):
+    """The real eval config on the tiny embedded set (same generator parameters as TINY_DATA)."""
+    return compose_config("eval", [
+        f"ckpt_path={ckpt}", f"data.root={synthetic_root}", "data.synthetic.num_train=24",
+        "data.synthetic.num_val=8", "data.synthetic.num_test=8", "data.synthetic.image_size=32",
+        "data.num_workers=0", *overrides,
+    ], output_dir)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     from captioner.data.synthetic import generate

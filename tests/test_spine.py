@@ -66,16 +66,13 @@ def test_caption_cli_errors_name_the_file(trained, tmp_path, capsys):
 
 
 def test_evaluate_writes_results_and_metrics(trained, synthetic_root, tmp_path):
-    from conftest import compose_config
+    from conftest import eval_config
 
     from captioner.cli.evaluate import run as eval_run
 
     out, _ = trained
-    cfg = compose_config("eval", [
-        f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}", f"data.root={synthetic_root}",
-        "data.synthetic.num_train=24", "data.synthetic.num_val=8", "data.synthetic.num_test=8",
-        "data.synthetic.image_size=32", "data.num_workers=0", "decode.beam_size=2",
-    ], tmp_path)
+    cfg = eval_config(out / "checkpoints" / "best.ckpt", synthetic_root, tmp_path,
+                      "decode.beam_size=2")
     metrics = eval_run(cfg, tmp_path)
     for key in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l"):
         assert 0.0 <= metrics[key] <= 1.0, key

@@ -170,15 +170,12 @@ def test_caption_cli_with_transformer_checkpoint(trained, tmp_path, capsys):
 
 @pytest.mark.slow  # pycocoevalcap's METEOR starts a Java process
 def test_evaluate_with_transformer_checkpoint(trained, synthetic_root, tmp_path):
-    from conftest import compose_config
+    from conftest import eval_config
 
     from captioner.cli.evaluate import run as eval_run
 
     out, _ = trained
-    cfg = compose_config("eval", [
-        f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}", f"data.root={synthetic_root}",
-        "data.synthetic.num_train=24", "data.synthetic.num_val=8", "data.synthetic.num_test=8",
-        "data.synthetic.image_size=32", "data.num_workers=0", "decode.beam_size=2",
-    ], tmp_path)
+    cfg = eval_config(out / "checkpoints" / "best.ckpt", synthetic_root, tmp_path,
+                      "decode.beam_size=2")
     report = eval_run(cfg, tmp_path)
     assert 0.0 <= report["bleu4"] <= 1.0 and 0.0 <= report["cider"] <= 10.0
