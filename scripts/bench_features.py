@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from captioner.data.datamodule import CaptionDataModule
-from captioner.features.cache import cached_features
 from captioner.data.images import build_transform
+from captioner.features.cache import cached_features
 from captioner.models.encoder import EfficientNetLiteEncoder
 from captioner.models.lstm_decoder import LSTMDecoder
 
@@ -118,8 +118,8 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
     }
-    print(f"| data | images | extract once (s) | epoch from images (s) | epoch from cache (s) | speed-up |")
-    print(f"|---|---|---|---|---|---|")
+    print("| data | images | extract once (s) | epoch from images (s) | epoch from cache (s) | speed-up |")
+    print("|---|---|---|---|---|---|")
     print(f"| {args.data} | {n_images} | {extract_s:.1f} | {results['raw']:.2f} | "
           f"{results['cached']:.2f} | {speedup:.1f}x |")
     out = Path(args.out)

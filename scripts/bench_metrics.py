@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from captioner.metrics.bleu import bleu
-from captioner.metrics.cider import CiderD, cider_d
+from captioner.metrics.bleu import bleu  # noqa: E402  (after the path fix above)
+from captioner.metrics.cider import CiderD, cider_d  # noqa: E402
 
 
 def make_corpus(n_img: int, n_ref: int, vocab_size: int = 10000, seed: int = 0):

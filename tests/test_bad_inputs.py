@@ -198,7 +198,7 @@ def test_bad_input_becomes_one_line_and_exit_2(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: x.json: images[0] lacks key 'id'\n"
     with pytest.raises(ZeroDivisionError), exit_on_bad_input(logging.getLogger("test")):
-        1 / 0  # a bug keeps its traceback
+        _ = 1 / 0  # a bug keeps its traceback
 
 
 @pytest.mark.slow  # two interpreters importing torch: ~15 s

@@ -5,7 +5,13 @@ import pytest
 from captioner.data.captions import CaptionDataError, read_coco, read_karpathy, read_split
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.images import ImageLoadError
-from captioner.data.tokenizer import decode, encode, tokenizer_from_json, tokenizer_to_json, train_tokenizer
+from captioner.data.tokenizer import (
+    decode,
+    encode,
+    tokenizer_from_json,
+    tokenizer_to_json,
+    train_tokenizer,
+)
 
 
 def write(path, obj):

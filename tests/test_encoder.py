@@ -7,7 +7,10 @@ import torchvision
 
 from captioner.data.images import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
 from captioner.models.encoder import (
-    CNNEncoder, EfficientNetLiteEncoder, EncoderWeightsError, efficientnet_lite0,
+    CNNEncoder,
+    EfficientNetLiteEncoder,
+    EncoderWeightsError,
+    efficientnet_lite0,
     encoder_param_groups,
 )
 from tests.conftest import SHARED

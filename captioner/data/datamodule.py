@@ -10,7 +10,6 @@ import logging
 import os
 from pathlib import Path
 
-
 import datasets
 import lightning as L
 import torch
