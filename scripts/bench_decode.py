@@ -150,7 +150,7 @@ def main():
     print(f"decoder: {decoder_name}  images: {n}  max_length: {L}  threads: {args.threads}")
     print(f"device: {device}  greedy mean caption length: {mean_len:.1f}")
     head = f"{'method':<8}{'beam':>5}  {'mode':<10}{'wall s':>8}{'cpu s':>8}{'captions/s':>12}"
-    print(head + f"{'speed-up wall/cpu':>19}")
+    print(head + "  speed-up wall / cpu")
     for r in rows:
         speed = ""
         if "speedup_batched" in r:
@@ -158,7 +158,7 @@ def main():
             speed += f"  (same captions {r['same_captions']})"
         print(
             f"{r['method']:<8}{r['beam']:>5}  {r['mode']:<10}{r['seconds']:>8.2f}"
-            f"{r['cpu_seconds']:>8.2f}{r['captions_per_s']:>12.1f}{speed:>19}"
+            f"{r['cpu_seconds']:>8.2f}{r['captions_per_s']:>12.1f}  {speed}"
         )
 
     out = Path(args.out)
