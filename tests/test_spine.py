@@ -32,6 +32,10 @@ def test_train_writes_checkpoints_logs_and_metrics(trained):
     assert (out / "checkpoints" / "best.ckpt").is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "csv" / "metrics.csv").is_file()
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")  # saved with the run
+    assert tok.pad_token == "<pad>" and len(tok) > 10
     for key in ("train/loss", "val/loss", "val/cider", "val/bleu4", "test/cider", "test/bleu4"):
         assert key in metrics, key
     assert metrics["val/num_images"] == 8 and metrics["test/num_images"] == 8

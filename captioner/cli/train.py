@@ -74,13 +74,16 @@ def run(cfg: DictConfig) -> dict:
     )
     n_params = sum(p.numel() for p in model.parameters())
     log.info("vocabulary %d words, model %.2fM parameters", len(tok), n_params / 1e6)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # `callbacks.early_stopping=null` switches one off
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(ExactResume(cfg.seed))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     if not loggers:  # a learning-rate monitor has nothing to write to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           plugins=[AtomicCheckpointIO()])
+    if trainer.is_global_zero:  # the run's vocabulary, readable without a checkpoint
+        tok.save_pretrained(Path(cfg.paths.output_dir) / "tokenizer")
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
