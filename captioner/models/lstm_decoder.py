@@ -54,6 +54,7 @@ class LSTMDecoder(StepDecoder):
         super().__init__()
         fusions = parse_fusion(fusion)
         self.vocab_size = vocab_size
+        self.pad_id = pad_id
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.attention = build_attention(
             attention, hidden_size, encoder_dim, attention_dim, num_heads=num_heads
@@ -115,7 +116,13 @@ class LSTMDecoder(StepDecoder):
     def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing. features (B, R, C); tokens (B*k, T) input tokens (BOS first), where k
         captions per image share one image: the grid is projected once and then repeated.
-        Returns logits (B*k, T, V) and head-averaged attention (B*k, T, R)."""
+        Returns logits (B*k, T, V) and head-averaged attention (B*k, T, R).
+
+        In training mode a row's positions after its last non-pad token cost no compute: their
+        logits and attention are zeros (the loss ignores them, their targets being pad). Every
+        other position, and in eval mode every position, equals running ``step`` token by token."""
+        if self.coattention is None and self.gate is None:
+            return self._forward_packed(features, tokens)
         state = self.init_state(features)
         k = tokens.size(0) // features.size(0)
         if k > 1:
@@ -138,3 +145,63 @@ class LSTMDecoder(StepDecoder):
             attns.append(attn if attn.dim() == 2 else attn.mean(1))
         outs = torch.stack(outs, 1)  # (B*k, T, H)
         return self.fc(self.dropout(outs)), torch.stack(attns, 1)
+
+    def _forward_packed(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Plain Show-Attend-Tell teacher forcing, packed like ``nn.utils.rnn.PackedSequence``:
+        rows sorted by length (longest first), step t runs only on the n_t rows still active (a
+        prefix of the sorted batch, so slicing copies nothing). The embedding half of the LSTM's
+        input matmul runs once for all steps; the vocabulary projection once over the packed
+        (active) positions only; the grid's key projection once per image."""
+        N, T = tokens.shape
+        B, R = features.size(0), features.size(1)
+        dev = tokens.device
+        H = self.lstm.hidden_size
+        E = self.embedding.embedding_dim
+        # length = last non-pad position + 1 (interior pads, if any, are still computed); in eval
+        # mode every position runs, so forward equals stepping even on trailing pad inputs
+        if self.training:
+            pos = torch.arange(1, T + 1, device=dev)
+            lengths = ((tokens != self.pad_id) * pos).amax(1)  # (N,)
+        else:
+            lengths = torch.full((N,), T, device=dev)
+        lengths, order = lengths.sort(descending=True, stable=True)
+        counts = (lengths[None, :] > torch.arange(T, device=dev)[:, None]).sum(1).tolist()  # n_t
+        image = torch.div(order, N // B, rounding_mode="floor")  # (N,) image of each sorted row
+
+        mean = features.mean(1)  # (B, C)
+        h = self.init_h(mean).index_select(0, image)  # (N, H)
+        c = self.init_c(mean).index_select(0, image)
+        regions = features.index_select(0, image)  # (N, R, C)
+        prepared = self.attention.prepare(features).index_select(0, image)  # (N, R, P)
+
+        w_ih, w_hh = self.lstm.weight_ih, self.lstm.weight_hh  # (4H, E + ctx), (4H, H)
+        w_emb, w_ctx = w_ih[:, :E], w_ih[:, E:]
+        bias = self.lstm.bias_ih + self.lstm.bias_hh
+        emb = self.embedding(tokens.index_select(0, order).t())  # (T, N, E) time-major
+        gates_in = torch.addmm(bias, emb.reshape(T * N, E), w_emb.t()).view(T, N, 4 * H)
+
+        outs, attns = [], []
+        for t, n in enumerate(counts):
+            if n == 0:
+                break
+            h, c = h[:n], c[:n]  # rows are sorted: the active ones are a prefix
+            context, attn = self.attention(h, regions[:n], prepared=prepared[:n])  # (n, ctx)
+            context = torch.sigmoid(self.f_beta(h)) * context
+            gates = gates_in[t, :n] + context @ w_ctx.t() + h @ w_hh.t()  # (n, 4H)
+            i, f, g, o = gates.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+            attns.append(attn if attn.dim() == 2 else attn.mean(1))
+        packed = torch.cat(outs)  # (P, H) time-major packed positions
+        logits = self.fc(self.dropout(packed))  # (P, V)
+        attn = torch.cat(attns)  # (P, R)
+        # packed position p = (t, j) -> output row order[j]*T + t
+        t_idx = torch.repeat_interleave(
+            torch.arange(len(outs), device=dev), torch.tensor(counts[: len(outs)], device=dev)
+        )
+        j_idx = torch.cat([torch.arange(n, device=dev) for n in counts[: len(outs)]])
+        flat = order[j_idx] * T + t_idx  # (P,)
+        out_logits = logits.new_zeros(N * T, logits.size(-1)).index_copy(0, flat, logits)
+        out_attn = attn.new_zeros(N * T, R).index_copy(0, flat, attn)
+        return out_logits.view(N, T, -1), out_attn.view(N, T, R)

@@ -1,0 +1,269 @@
+"""Training and decoding throughput at the Show-Attend-Tell tutorial's shapes, side by side.
+
+    python scripts/bench.py [--threads 2] [--device cpu] [--repeats 5] [--quick]
+
+Shapes (GitHub issue 8): batch 64, cached 7x7x512 features, vocabulary 5,000, embedding /
+attention / LSTM sizes 512, captions of 10-20 words (uniform, fixed seed), one caption per image.
+
+Measures, all in one process so the ratios share the machine's conditions:
+- matmul GFLOP/s (2048x2048x2048, fp32 and bf16): the bound the training steps are judged by;
+- one training step (forward + backward + Adam) of the project's ``LSTMDecoder`` and of a plain
+  re-implementation of the tutorial's step (below: key projection recomputed every step, batch
+  sorted by length and shrunk as captions end, per-step vocabulary projection), fp32 and bf16
+  autocast; images/s and the fraction of the FLOP bound (useful FLOPs, see ``lstm_step_flops``);
+- optionally (``--transformer``) the 3-layer d_model 512 Transformer decoder's step;
+- batched greedy and beam-5 captions/s (``bench_decode``'s decoder and timer).
+
+Every time is the median of ``--repeats`` runs after warm-up. Writes ``bench_results/bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import BOS, EOS, PAD, build_decoder  # noqa: E402
+
+from captioner.models.lstm_decoder import LSTMDecoder  # noqa: E402
+from captioner.models.search import beam_search, greedy_search  # noqa: E402
+
+BATCH, GRID, ENC, DIM, VOCAB = 64, 7, 512, 512, 5000
+
+
+def median_time(fn, repeats: int, warmup: int = 2, sync=None) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_gflops(device, dtype, repeats, n=2048) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sec = median_time(lambda: a @ b, repeats, sync=_sync(device))
+    return 2 * n**3 / sec / 1e9
+
+
+def _sync(device):
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+class TutorialDecoder(nn.Module):
+    """The tutorial's decoder, re-implemented plainly as the side-by-side baseline: per step the
+    grid's attention projection is recomputed for the active rows, the context gated, one
+    LSTMCell step and the vocabulary projection run on the rows whose captions have not ended."""
+
+    def __init__(self, vocab, enc, emb, hid, att, dropout=0.5):
+        super().__init__()
+        self.enc_att, self.dec_att = nn.Linear(enc, att), nn.Linear(hid, att)
+        self.full_att = nn.Linear(att, 1)
+        self.embedding = nn.Embedding(vocab, emb)
+        self.dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTMCell(emb + enc, hid)
+        self.init_h, self.init_c = nn.Linear(enc, hid), nn.Linear(enc, hid)
+        self.f_beta = nn.Linear(hid, enc)
+        self.fc = nn.Linear(hid, vocab)
+        self.vocab = vocab
+
+    def forward(self, feats, caps, lengths):
+        """feats (B, R, C); caps (B, T+1) with BOS; lengths (B,) tokens incl. BOS and EOS."""
+        lengths, order = lengths.sort(descending=True)
+        feats, caps = feats[order], caps[order]
+        decode_lengths = (lengths - 1).tolist()
+        emb = self.embedding(caps)  # (B, T+1, E)
+        mean = feats.mean(1)
+        h, c = self.init_h(mean), self.init_c(mean)
+        B, T = feats.size(0), max(decode_lengths)
+        preds = feats.new_zeros(B, T, self.vocab)
+        alphas = feats.new_zeros(B, T, feats.size(1))
+        for t in range(T):
+            n = sum(dl > t for dl in decode_lengths)
+            att1 = self.enc_att(feats[:n])  # (n, R, A): recomputed at every step
+            att2 = self.dec_att(h[:n])
+            alpha = self.full_att(torch.relu(att1 + att2[:, None])).squeeze(2).softmax(1)
+            ctx = (feats[:n] * alpha[:, :, None]).sum(1)
+            ctx = torch.sigmoid(self.f_beta(h[:n])) * ctx
+            h, c = self.lstm(torch.cat([emb[:n, t], ctx], 1), (h[:n], c[:n]))
+            preds[:n, t] = self.fc(self.dropout(h))
+            alphas[:n, t] = alpha
+        return preds, caps[:, 1:], decode_lengths, alphas
+
+
+def make_batch(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(10, 21, (BATCH,), generator=g)  # 10-20 words
+    T = int(words.max()) + 2
+    caps = torch.full((BATCH, T), PAD, dtype=torch.long)
+    for i, n in enumerate(words.tolist()):
+        caps[i, 0] = BOS
+        caps[i, 1 : n + 1] = torch.randint(3, VOCAB, (n,), generator=g)
+        caps[i, n + 1] = EOS
+    feats = torch.randn(BATCH, GRID * GRID, ENC, generator=g)
+    return feats.to(device), caps.to(device), (words + 2).to(device)
+
+
+def lstm_step_flops(words: torch.Tensor) -> float:
+    """Useful FLOPs of one training step (x3: forward, and backward's two matmuls per forward
+    one). Per decoded position (one per word + EOS): LSTM gates 2(E+C+H)4H, attention query
+    projection 2HA, context gate f_beta 2HC, scores and read-out 2R(A+C), vocabulary 2HV. Per
+    image: the grid's key projection 2RCA and init_h/init_c 2*2CH."""
+    E = C = H = A = DIM
+    R, V = GRID * GRID, VOCAB
+    per_pos = 2 * (E + C + H) * 4 * H + 2 * H * A + 2 * H * C + 2 * R * (A + C) + 2 * H * V
+    per_img = 2 * R * C * A + 4 * C * H
+    positions = float((words + 1).sum())
+    return 3 * (positions * per_pos + BATCH * per_img)
+
+
+def train_steps(device, repeats, transformer=False):
+    feats, caps, lengths = make_batch(device)
+    words = lengths - 2
+    flops = lstm_step_flops(words.cpu())
+    torch.manual_seed(0)
+    ours = LSTMDecoder(VOCAB, ENC, embed_dim=DIM, hidden_size=DIM, attention_dim=DIM,
+                       dropout=0.5, pad_id=PAD).to(device).train()  # fmt: skip
+    tut = TutorialDecoder(VOCAB, ENC, DIM, DIM, DIM).to(device).train()
+
+    def ours_step(opt):
+        logits, _ = ours(feats, caps[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB).float(), caps[:, 1:].reshape(-1),
+                               ignore_index=PAD)  # fmt: skip
+        return loss
+
+    def tut_step(opt):
+        preds, targets, dl, _ = tut(feats, caps, lengths)
+        mask = torch.arange(preds.size(1), device=device)[None] < torch.tensor(dl, device=device)[:, None]
+        return F.cross_entropy(preds[mask].float(), targets[:, : preds.size(1)][mask])
+
+    models = {"ours (LSTMDecoder)": (ours, ours_step), "tutorial re-impl.": (tut, tut_step)}
+    if transformer:
+        from captioner.models.transformer_decoder import TransformerDecoder
+
+        tr = TransformerDecoder(VOCAB, ENC, d_model=DIM, num_layers=3).to(device).train()
+
+        def tr_step(opt):
+            logits, _ = tr(feats, caps[:, :-1])
+            return F.cross_entropy(logits.reshape(-1, VOCAB).float(), caps[:, 1:].reshape(-1),
+                                   ignore_index=PAD)  # fmt: skip
+
+        models["transformer (3x512)"] = (tr, tr_step)
+
+    rows = []
+    for precision in ("fp32", "bf16"):
+        for name, (model, loss_fn) in models.items():
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            ctx = (
+                torch.autocast(device.type, dtype=torch.bfloat16)
+                if precision == "bf16"
+                else contextlib.nullcontext()
+            )
+
+            def step(model=model, loss_fn=loss_fn, opt=opt, ctx=ctx):
+                opt.zero_grad(set_to_none=True)
+                with ctx:
+                    loss = loss_fn(opt)
+                loss.backward()
+                opt.step()
+
+            sec = median_time(step, repeats, sync=_sync(device))
+            rows.append({"model": name, "precision": precision, "seconds": sec,
+                         "images_per_s": BATCH / sec,
+                         "useful_gflop": flops / 1e9 if "LSTM" in name or "tutorial" in name
+                         else None})  # fmt: skip
+    return rows, flops, float(words.float().mean())
+
+
+def decode_rows(device, repeats, images):
+    torch.manual_seed(0)
+    decoder, name = build_decoder(VOCAB, ENC, DIM)
+    decoder = decoder.to(device).eval()
+    feats = torch.randn(images, GRID * GRID, ENC, device=device)
+    common = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "max_length": 20}
+    rows = []
+    with torch.inference_mode():
+        for label, fn in (
+            ("greedy", lambda: greedy_search(decoder, feats, **common)),
+            ("beam 5", lambda: beam_search(decoder, feats, beam_size=5, **common)),
+        ):
+            sec = median_time(fn, repeats, warmup=1, sync=_sync(device))
+            rows.append({"method": label, "images": images, "seconds": sec,
+                         "captions_per_s": images / sec})  # fmt: skip
+    return rows, name
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-images", type=int, default=256)
+    p.add_argument("--transformer", action="store_true", help="also the Transformer decoder")
+    p.add_argument("--out", default="bench_results/bench.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    gflops = {
+        "fp32": matmul_gflops(device, torch.float32, args.repeats),
+        "bf16": matmul_gflops(device, torch.bfloat16, args.repeats),
+    }
+    train, flops, mean_words = train_steps(device, args.repeats, args.transformer)
+    for r in train:
+        if r["useful_gflop"] is not None:
+            r["fraction_of_bound"] = flops / r["seconds"] / (gflops[r["precision"]] * 1e9)
+            r["bound_images_per_s"] = gflops[r["precision"]] * 1e9 / flops * BATCH
+    base = {r["precision"]: r["seconds"] for r in train if r["model"].startswith("tutorial")}
+    for r in train:
+        r["speedup_vs_tutorial"] = base[r["precision"]] / r["seconds"]
+    dec, dec_name = decode_rows(device, max(3, args.repeats // 2), args.decode_images)
+
+    print(f"{date.today()}  device {device}  threads {args.threads}  torch {torch.__version__}")
+    print(f"matmul 2048^3: fp32 {gflops['fp32']:.0f} GFLOP/s, bf16 {gflops['bf16']:.0f} GFLOP/s")
+    print(f"training step: batch {BATCH}, mean {mean_words:.1f} words, "
+          f"useful {flops / 1e9:.1f} GFLOP per step (fwd+bwd)")  # fmt: skip
+    print(f"{'model':<22}{'prec':<6}{'ms/step':>9}{'images/s':>10}{'vs tut.':>9}"
+          f"{'of bound':>10}{'bound img/s':>13}")  # fmt: skip
+    for r in train:
+        frac = f"{r['fraction_of_bound']:.0%}" if "fraction_of_bound" in r else "-"
+        bound = f"{r['bound_images_per_s']:.0f}" if "bound_images_per_s" in r else "-"
+        print(f"{r['model']:<22}{r['precision']:<6}{r['seconds'] * 1e3:>9.0f}"
+              f"{r['images_per_s']:>10.1f}{r['speedup_vs_tutorial']:>8.2f}x{frac:>10}{bound:>13}")  # fmt: skip
+    print(f"decoding ({dec_name}, fp32, max_length 20, batched):")
+    for r in dec:
+        print(f"  {r['method']:<8}{r['images']:>5} images {r['seconds']:>7.2f} s "
+              f"{r['captions_per_s']:>8.1f} captions/s")  # fmt: skip
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": str(date.today()), "device": str(device), "threads": args.threads,
+            "torch": torch.__version__, "machine": platform.machine(),
+            "processor": platform.processor(), "repeats": args.repeats, "batch": BATCH,
+            "vocab": VOCAB, "dim": DIM, "grid": f"{GRID}x{GRID}x{ENC}",
+            "mean_words": mean_words, "useful_flops_per_step": flops}  # fmt: skip
+    out.write_text(json.dumps({"config": meta, "matmul_gflops": gflops, "train": train,
+                               "decode": dec}, indent=2))  # fmt: skip
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
