@@ -1,19 +1,26 @@
 """Training epoch time from cached encoder features vs from raw images, same data and decoder.
 
-    python scripts/bench_features.py [--data coco_mini|synthetic] [--epochs 2] [--threads 2]
+    python scripts/bench_features.py [--data coco_mini|synthetic] [--epochs 3] [--threads 2]
+                                     [--decoder demo|sat]
 
 Frozen pretrained EfficientNet-Lite0 (224 px, 7x7x1280 grid) + the project's attention LSTM
-(embed 256, hidden 512, attention 256): one training epoch = load every training image's batch,
-encode (raw path only; frozen, no gradients), teacher-forced loss, backward, Adam step. The
-cache is built first and its one-off extraction time is reported separately. Epoch times are
-the median over ``--epochs`` epochs after one warm-up epoch. Writes
-``bench_results/features.json``.
+(``demo``: embed 128, hidden 256, attention 128, the coco_mini preset's size; ``sat``: 256/512/256).
+One training epoch = every training image once in batches of 16: raw path = JPEG decode + resize
+in ``--workers`` loader processes, encoder forward (frozen, no gradients), teacher-forced loss,
+backward, Adam step; cached path = the same with the grid read from the cache instead. Both paths
+train identical copies of the decoder on the same shuffled image order (same seed per epoch), and
+their epochs are interleaved (alternating which goes first), so a change in machine load hits
+both alike. Epoch times: median over ``--epochs`` epochs after one warm-up epoch each. The cache
+is built first (its one-off extraction time reported separately) and checked against a direct
+encoder forward pass on the same images. Prints a table; writes ``bench_results/features.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -24,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.data.datamodule import CaptionDataModule
-from captioner.data.images import build_transform
+from captioner.data.images import build_transform, load_image
 from captioner.features.cache import cached_features
 from captioner.models.encoder import EfficientNetLiteEncoder
 from captioner.models.lstm_decoder import LSTMDecoder
@@ -72,13 +79,27 @@ def epoch(loader, encoder, decoder, optimizer, pad_id) -> float:
     return time.perf_counter() - start
 
 
+DECODERS = {"demo": dict(embed_dim=128, hidden_size=256, attention_dim=128),
+            "sat": dict(embed_dim=256, hidden_size=512, attention_dim=256)}
+
+
+@torch.no_grad()
+def max_feature_diff(cache, dm, encoder, n: int = 16) -> float:
+    """Largest |cached - direct forward| over the first n training images."""
+    transform = build_transform(dm.image_size)
+    paths = dm.table("train")["path"][:n]
+    images = torch.stack([transform(load_image(p)) for p in paths])
+    return (cache.rows(list(range(len(paths)))) - encoder(images)).abs().max().item()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=["coco_mini", "synthetic"],
                    default="coco_mini" if SHARED.is_dir() else "synthetic")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="raw path's image-loading processes")
+    p.add_argument("--decoder", choices=sorted(DECODERS), default="demo")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "features.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,40 +109,52 @@ def main() -> None:
         dm = make_datamodule(args.data, Path(tmp), args.workers)
         encoder = EfficientNetLiteEncoder().eval()  # pretrained, frozen
         tok = dm.tokenizer
-        decoder = LSTMDecoder(vocab_size=len(tok), encoder_dim=encoder.out_dim, pad_id=tok.pad_token_id,
-                              embed_dim=256, hidden_size=512, attention_dim=256)
-        optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4)
+        decoder = LSTMDecoder(vocab_size=len(tok), encoder_dim=encoder.out_dim,
+                              pad_id=tok.pad_token_id, **DECODERS[args.decoder])
         n_images = len(dm.table("train"))
 
         t0 = time.perf_counter()
-        cached_features(encoder, dm.table("train")["path"], build_transform(dm.image_size),
-                        dm.cache_dir, name="train", batch_size=32, num_workers=args.workers)
+        cache = cached_features(encoder, dm.table("train")["path"], build_transform(dm.image_size),
+                                dm.cache_dir, name="train", batch_size=dm.eval_batch_size,
+                                num_workers=args.workers)
         extract_s = time.perf_counter() - t0
+        diff = max_feature_diff(cache, dm, encoder)
 
-        results = {}
+        loaders, models = {}, {}
         for mode in ("cached", "raw"):
             dm.cache_features = mode == "cached"
             dm.set_encoder(encoder if dm.cache_features else None)
-            loader = dm.train_dataloader()
-            times = [epoch(loader, encoder, decoder, optimizer, tok.pad_token_id)
-                     for _ in range(args.epochs + 1)][1:]  # first: warm-up
-            results[mode] = statistics.median(times)
+            loaders[mode] = dm.train_dataloader()
+            dec = copy.deepcopy(decoder)
+            models[mode] = (dec, torch.optim.Adam(dec.parameters(), lr=1e-3))
+        times = {"cached": [], "raw": []}
+        for e in range(args.epochs + 1):  # epoch 0: warm-up (worker start-up, page cache)
+            for mode in (("raw", "cached") if e % 2 else ("cached", "raw")):
+                torch.manual_seed(1000 + e)  # the same image order for both paths
+                dec, opt = models[mode]
+                times[mode].append(epoch(loaders[mode], encoder, dec, opt, tok.pad_token_id))
+        results = {m: statistics.median(t[1:]) for m, t in times.items()}
 
     speedup = results["raw"] / results["cached"]
     report = {
         "data": args.data, "train_images": n_images, "image_size": dm.image_size,
         "batch_size": dm.batch_size, "encoder": "efficientnet_lite0 (pretrained, frozen)",
-        "grid": [49, encoder.out_dim], "decoder": "lstm embed 256 hidden 512 attention 256",
-        "threads": args.threads, "workers": args.workers, "epochs_timed": args.epochs,
-        "extract_s": round(extract_s, 2), "epoch_raw_s": round(results["raw"], 2),
-        "epoch_cached_s": round(results["cached"], 2), "speedup": round(speedup, 1),
+        "grid": [49, encoder.out_dim], "decoder": f"lstm {args.decoder} {DECODERS[args.decoder]}",
+        "threads": args.threads, "raw_workers": args.workers, "epochs_timed": args.epochs,
+        "extract_s": round(extract_s, 2), "epoch_raw_s": round(results["raw"], 3),
+        "epoch_cached_s": round(results["cached"], 3), "speedup": round(speedup, 1),
+        "epochs_raw_s": [round(t, 3) for t in times["raw"]],
+        "epochs_cached_s": [round(t, 3) for t in times["cached"]],
+        "max_abs_diff_vs_forward": diff,
+        "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "torch": torch.__version__,
+        "cpus": os.cpu_count(), "torch": torch.__version__,
     }
-    print("| data | images | extract once (s) | epoch from images (s) | epoch from cache (s) | speed-up |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {args.data} | {n_images} | {extract_s:.1f} | {results['raw']:.2f} | "
-          f"{results['cached']:.2f} | {speedup:.1f}x |")
+    print("| data | images | decoder | extract once (s) | epoch from images (s) | epoch from cache (s) "
+          "| speed-up | max abs diff vs forward |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {args.data} | {n_images} | {args.decoder} | {extract_s:.1f} | {results['raw']:.2f} | "
+          f"{results['cached']:.3f} | {speedup:.1f}x | {diff:.1e} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

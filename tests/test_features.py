@@ -132,3 +132,27 @@ def test_efficientnet_features_cache_keyed_by_weights(synthetic_root, tmp_path):
     a = cached_features(EfficientNetLiteEncoder(pretrained=False, return_layer=3), paths, t32, tmp_path)
     b = cached_features(EfficientNetLiteEncoder(pretrained=True, return_layer=3), paths, t32, tmp_path)
     assert a.folder != b.folder and a.meta["encoder"]["weights"] is None
+
+
+def test_batched_fetch_equals_item_by_item_and_uses_no_workers(synthetic_root, tmp_path):
+    from captioner.data.datamodule import CachedFeatureDataset
+
+    dm = datamodule(synthetic_root, tmp_path, cache_dtype="float16")
+    dm.num_workers = 2  # the image path's workers; cached loaders need none
+    dm.set_encoder(frozen_encoder())
+    loader = dm.val_dataloader()
+    assert loader.num_workers == 0
+    ds = loader.dataset
+    assert isinstance(ds, CachedFeatureDataset)
+    idx = [5, 0, 3, 3, 1]  # unordered, repeated
+    cache = ds.cache
+    cache._valid = cache.valid.copy()
+    cache._valid[3] = False  # as if image 3 were unreadable
+    batched = ds.__getitems__(idx)
+    single = [ds[i] for i in idx]
+    assert [b is None for b in batched] == [False, False, True, True, False]
+    for b, s in zip(batched, single):
+        if b is not None:
+            assert b["features"].dtype == torch.float32
+            torch.testing.assert_close(b["features"], s["features"], rtol=0, atol=0)
+            assert b["captions"] == s["captions"] and b["image_id"] == s["image_id"]

@@ -74,6 +74,22 @@ class CachedFeatureDataset(Dataset):
                 "captions": choose_captions(row["input_ids"], self.k, self.train),
                 "image_id": row["image_id"]}
 
+    def __getitems__(self, indices: list[int]) -> list[dict | None]:
+        """A whole batch (the DataLoader's batched fetch): one read of the cache for all its
+        rows, one slice of the caption table; the same items as ``__getitem__`` one by one."""
+        indices = [int(i) for i in indices]
+        valid = self.cache.valid[indices]
+        keep = [i for i, ok in zip(indices, valid) if ok]
+        if not keep:
+            return [None] * len(indices)
+        feats = self.cache.rows(keep)  # (n, R, C)
+        rows = self.table[keep]  # columns for all kept rows at once
+        items = iter([{"features": feats[j],
+                       "captions": choose_captions(ids, self.k, self.train),
+                       "image_id": image_id}
+                      for j, (ids, image_id) in enumerate(zip(rows["input_ids"], rows["image_id"]))])
+        return [next(items) if ok else None for ok in valid]
+
 
 class PadCollate:
     def __init__(self, pad_id: int):
@@ -256,10 +272,14 @@ class CaptionDataModule(L.LightningDataModule):
             transform = build_transform(self.image_size, train=train, augment=self.augment)
             ds = CaptionImageDataset(self.table(split), transform, self.k, train,
                                      self.skip_bad_images, self.max_pixels)
+        # Cached features need no worker processes: a batch is one read of a memory-mapped file
+        # (page cache after the first epoch), far cheaper than forking workers and shipping
+        # every batch back through shared memory.
+        workers = 0 if cache is not None else self.num_workers
         return DataLoader(
             ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            num_workers=self.num_workers, collate_fn=PadCollate(self.tokenizer.pad_token_id),
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            num_workers=workers, collate_fn=PadCollate(self.tokenizer.pad_token_id),
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
