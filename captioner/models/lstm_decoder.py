@@ -74,6 +74,10 @@ class LSTMDecoder(StepDecoder):
             self.gate = GatedFusion(hidden_size, ctx_dim, attention_dim)
             self.gate_out = nn.Linear(ctx_dim, hidden_size)  # c_hat into the hidden space
 
+    # state entries that depend only on the image, never on the step or the caption so far:
+    # beam search leaves them in place when beams are reordered within an image
+    static_state_keys = ("features", "prepared")
+
     def init_state(self, features: Tensor) -> dict:
         mean = features.mean(1)  # (B, C)
         state = {

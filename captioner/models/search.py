@@ -159,6 +159,9 @@ def beam_search(
         pool_attn[ids] = pick(pool_attn, cand_attn)
         pool_score[ids] = best_score
 
+    # state entries that depend only on the image (``static_state_keys``) need no beam reorder
+    static = set(getattr(decoder, "static_state_keys", ())) & set(state)
+
     for t in range(max_length):
         N = img.numel()
         logits, state, attn = decoder.step(last, state)  # (N*K, V)
@@ -221,7 +224,15 @@ def beam_search(
             img, score = img[keep], score[keep]
             a_row, hist, ahist = a_row[keep_rows], hist[keep_rows], ahist[keep_rows]
             last = last[keep_rows]
-        state = decoder.reorder_state(state, a_row)  # one gather: beam reorder + image drop
+            state = decoder.reorder_state(state, a_row)  # one gather: beam reorder + image drop
+        elif static and t > 0:
+            # beams move only within their image: per-image tensors (the grid and its key
+            # projection) are already right for every row, only the rest is reordered
+            moving = {key: v for key, v in state.items() if key not in static}
+            moving = decoder.reorder_state(moving, a_row)
+            state = {**state, **moving}
+        else:
+            state = decoder.reorder_state(state, a_row)  # first step: 1 row -> K per image
 
     # trim to the longest returned hypothesis
     T = max(int(pool_len[:, :num_return].max()), 1)
