@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check captioner tests scripts
 
 bench: $(STAMP)
+	$(PY) scripts/bench.py
 	$(PY) scripts/bench_metrics.py
 	$(PY) scripts/bench_decode.py
 
