@@ -12,14 +12,15 @@ DEFAULT_RUNS = Path("outputs/train")
 def newest_checkpoint(runs: Path = DEFAULT_RUNS) -> Path:
     """The best checkpoint of the newest run under outputs/train (single and multi runs)."""
     from captioner.checkpoint import CheckpointError
+    from captioner.utils.hydra import newest_run_checkpoint
 
-    found = sorted(runs.glob("**/checkpoints/best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    found = newest_run_checkpoint(runs, "checkpoints/best*.ckpt")
+    if found is None:
         raise CheckpointError(
             f"no checkpoint found under {runs}/ (train one with `python train.py`, "
             "or pass --checkpoint PATH)"
         )
-    return found[-1]
+    return found
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -3,7 +3,7 @@
 ``ckpt_path=last`` resumes the newest run in its own directory (``ckpt_path=PATH``: that
 checkpoint, in its run's directory when it lies in one), with the checkpoint's tokenizer and
 model config; the final result equals an uninterrupted run with the same seed (see
-``training/seeding.py``). ``metrics.json`` in the run directory holds the final metrics."""
+``training/resume.py``). ``metrics.json`` in the run directory holds the final metrics."""
 
 from __future__ import annotations
 

@@ -68,8 +68,3 @@ def build_transform(image_size: int, train: bool = False, augment: bool = False)
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(ops)
 
-
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (images * std + mean).clamp(0, 1)

@@ -109,11 +109,12 @@ class CaptioningModule(L.LightningModule):
             return batch["features"]
         return self.model.encode(batch["images"])
 
-    def caption_loss(self, batch: dict, regularise: bool = True, ss_prob: float = 0.0) -> torch.Tensor:
+    def caption_loss(self, batch: dict, regularise: bool = True, ss_prob: float = 0.0,
+                     features: torch.Tensor | None = None) -> torch.Tensor:
         captions = batch["captions"]  # (B, k, T)
         B, k, T = captions.shape
         tokens = captions.view(B * k, T)
-        features = self.features(batch)
+        features = self.features(batch) if features is None else features
         if ss_prob > 0:
             logits, attn = self.scheduled_sampling_forward(features, tokens[:, :-1], ss_prob)
         else:
@@ -209,9 +210,10 @@ class CaptioningModule(L.LightningModule):
 
     def _eval_step(self, batch: dict, stage: str, decode: dict) -> None:
         B = batch["captions"].size(0)
-        self.log(f"{stage}/loss", self.caption_loss(batch, regularise=False), batch_size=B,
-                 sync_dist=True)
-        captions = self.generate_captions(self.features(batch), decode)
+        features = self.features(batch)  # encode once for the loss and the captions
+        self.log(f"{stage}/loss", self.caption_loss(batch, regularise=False, features=features),
+                 batch_size=B, sync_dist=True)
+        captions = self.generate_captions(features, decode)
         for image_id, caption in zip(batch["image_ids"].tolist(), captions):
             self._hyps[image_id] = caption
 

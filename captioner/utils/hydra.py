@@ -18,10 +18,10 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 EXIT_BAD_INPUT = 2
 
 
-def newest_run_checkpoint(task_dir) -> Path | None:
-    """The newest ``<run>/checkpoints/last.ckpt`` under a task's log dir (``outputs/train``:
-    single runs and multirun jobs), by modification time; None when there is none."""
-    found = [p for p in Path(task_dir).glob(f"**/{LAST_CHECKPOINT}") if p.is_file()]
+def newest_run_checkpoint(task_dir, pattern: str = str(LAST_CHECKPOINT)) -> Path | None:
+    """The newest ``<run>/<pattern>`` (default ``checkpoints/last.ckpt``) under a task's log dir
+    (``outputs/train``: single runs and multirun jobs), by modification time; None if none."""
+    found = [p for p in Path(task_dir).glob(f"**/{pattern}") if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
