@@ -1,12 +1,13 @@
 # make demo   — install, generate the embedded data, train, evaluate, caption one image
 # make test   — install, run the default (fast) test suite
+# make rsicd  — the RSICD benchmark (../shared/data/rsicd): cache, train, self-critical, test
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow lint bench rsicd clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +18,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+rsicd: $(STAMP)
+	$(PY) scripts/rsicd.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

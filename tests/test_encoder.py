@@ -12,6 +12,7 @@ from captioner.models.encoder import (
     EncoderWeightsError,
     efficientnet_lite0,
     encoder_param_groups,
+    inference_copy,
 )
 from tests.conftest import SHARED
 
@@ -119,3 +120,25 @@ def test_pretrained_lite0_top5_names_the_obvious_object(lite0):
         logits = classifier(lite0.eval()(images).mean(1))  # (B, 1000) from the pooled grid
     for (name, label), top5 in zip(OBVIOUS.items(), logits.topk(5).indices.tolist()):
         assert label in [categories[c] for c in top5], (name, [categories[c] for c in top5])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CNNEncoder("resnet18", trainable=False, return_layer="layer2"),
+    lambda: EfficientNetLiteEncoder(pretrained=False, return_layer=4),
+])
+def test_inference_copy_folds_batchnorm_without_changing_the_output(make):
+    torch.manual_seed(0)
+    enc = make()
+    for m in enc.modules():  # non-trivial statistics, so folding is really exercised
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    fast = inference_copy(enc)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())  # original untouched
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)),
+                                   enc.eval()(x), rtol=1e-4, atol=1e-4)

@@ -4,7 +4,7 @@ One cache entry is a folder ``{cache_dir}/{name}-{key[:16]}/`` holding ``feature
 (N, R, C), read memory-mapped, ``valid.npy`` (N,) (False: an unreadable image, skipped) and
 ``meta.json``. The key hashes everything the features depend on: the encoder's class, name and
 weights (a hash of its state dict, so even a randomly initialised encoder is keyed by its values),
-the transform (image size, normalisation), the storage dtype and the image list (path, size,
+the transform (image size, normalisation), the storage dtype and the image list (real path, size,
 mtime), so any change gives a new entry. An entry is written into a temporary folder and renamed
 into place when complete: a killed extraction leaves no entry that could be read.
 """
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from captioner.models.encoder import inference_copy
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -46,9 +47,9 @@ def cache_key(encoder: torch.nn.Module, transform, paths: list[str], dtype: str 
     for p in paths:
         try:
             st = os.stat(p)
-            files.append([str(p), st.st_size, st.st_mtime_ns])
+            files.append([os.path.realpath(p), st.st_size, st.st_mtime_ns])
         except OSError:
-            files.append([str(p), None, None])
+            files.append([os.path.realpath(p), None, None])
     desc = {
         "format_version": FORMAT_VERSION,
         "encoder": identity,
@@ -125,12 +126,25 @@ class FeatureCache:
         return {"folder": self.folder, "meta": self.meta, "_features": None, "_valid": None}
 
 
+def _checked(fast, encoder, images, tol: float = 1e-3):
+    """``fast`` if it matches ``encoder`` on ``images`` (relative to the output's scale), else
+    ``encoder`` with a warning: folding must never change what is cached."""
+    ref = encoder(images)
+    err = (fast(images.contiguous(memory_format=torch.channels_last)) - ref).abs().max().item()
+    if err <= tol * max(1.0, ref.abs().max().item()):
+        return fast
+    log.warning("BatchNorm folding changed %s's output by %.3g: extracting unfolded",
+                type(encoder).__name__, err)
+    return encoder
+
+
 @torch.inference_mode()
 def _extract(encoder, paths, transform, out: Path, dtype: str, batch_size: int,
              num_workers: int, max_pixels: int, skip_bad_images: bool, desc: str) -> None:
     loader = DataLoader(_Images(paths, transform, max_pixels), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
     device = next(encoder.parameters()).device
+    fast = inference_copy(encoder)
     features = valid = None
     start = 0
     for images, ok, errors in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
@@ -139,7 +153,10 @@ def _extract(encoder, paths, transform, out: Path, dtype: str, batch_size: int,
         for e in errors:
             log.warning("skipping bad image: %s", e)
         if images is not None:
-            f = encoder(images.to(device)).float().cpu().numpy()  # (b, R, C)
+            images = images.to(device)
+            if fast is not encoder and features is None:  # first batch: is the copy the same?
+                fast = _checked(fast, encoder, images[:4])
+            f = fast(images.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()  # (b, R, C)
             if features is None:
                 features = np.lib.format.open_memmap(
                     out / "features.npy", mode="w+", dtype=DTYPES[dtype],
