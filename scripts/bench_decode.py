@@ -1,10 +1,12 @@
 """Decoding throughput: batched beam search vs one image at a time, plus batched greedy.
 
     python scripts/bench_decode.py [--images 256] [--beams 3 5] [--threads 2] [--device cpu]
+                                   [--precision fp32 bf16]
 
 Uses the project's Show-Attend-Tell ``LSTMDecoder`` (embed 512, hidden 512, attention 512,
 vocab 5000, 7x7x512 grid) with random weights: an untrained decoder rarely emits EOS, so every
-caption runs to ``max_length`` - the worst case, identical work for both beam variants.
+caption runs to ``max_length`` - the worst case, identical work for both beam variants. Each
+precision (fp32, bf16 autocast) times batched and per-image search under the same setting.
 Writes ``bench_results/decode.json``.
 """
 
@@ -17,60 +19,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from captioner.models.lstm_decoder import LSTMDecoder
 from captioner.models.search import beam_search, greedy_search
 
 PAD, BOS, EOS = 0, 1, 2
 
 
-class StandInLSTMDecoder(nn.Module):
-    """Used only if ``captioner.models.lstm_decoder`` cannot be imported: same sizes and step
-    interface (additive attention, gated context, LSTMCell, vocab projection)."""
-
-    def __init__(self, vocab_size, encoder_dim, embed_dim, hidden_size, attention_dim):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.embedding = nn.Embedding(vocab_size, embed_dim)
-        self.key = nn.Linear(encoder_dim, attention_dim)
-        self.query = nn.Linear(hidden_size, attention_dim)
-        self.v = nn.Linear(attention_dim, 1)
-        self.init_h = nn.Linear(encoder_dim, hidden_size)
-        self.init_c = nn.Linear(encoder_dim, hidden_size)
-        self.f_beta = nn.Linear(hidden_size, encoder_dim)
-        self.lstm = nn.LSTMCell(embed_dim + encoder_dim, hidden_size)
-        self.fc = nn.Linear(hidden_size, vocab_size)
-
-    def init_state(self, features):
-        mean = features.mean(1)
-        return {
-            "h": self.init_h(mean),
-            "c": self.init_c(mean),
-            "features": features,
-            "prepared": self.key(features),
-        }
-
-    def step(self, tokens, state):
-        h, c, feats = state["h"], state["c"], state["features"]
-        scores = self.v(torch.tanh(state["prepared"] + self.query(h)[:, None])).squeeze(2)
-        attn = scores.softmax(-1)  # (B, R)
-        context = torch.sigmoid(self.f_beta(h)) * (attn[:, :, None] * feats).sum(1)
-        h, c = self.lstm(torch.cat([self.embedding(tokens), context], 1), (h, c))
-        return self.fc(h), {**state, "h": h, "c": c}, attn
-
-    def reorder_state(self, state, index):
-        return {k: v.index_select(0, index) for k, v in state.items()}
-
-
 def build_decoder(vocab, enc, dim):
-    try:
-        from captioner.models.lstm_decoder import LSTMDecoder
-
-        dec = LSTMDecoder(vocab, enc, embed_dim=dim, hidden_size=dim, attention_dim=dim)
-        return dec, "captioner.models.lstm_decoder.LSTMDecoder"
-    except Exception as e:  # noqa: BLE001 - the benchmark must still run while it is being written
-        print(f"LSTMDecoder unavailable ({e!r}); using the LOCAL STAND-IN decoder")
-        return StandInLSTMDecoder(vocab, enc, dim, dim, dim), "STAND-IN (scripts/bench_decode.py)"
+    return LSTMDecoder(vocab, enc, embed_dim=dim, hidden_size=dim, attention_dim=dim)
 
 
 def timed(device, repeats, fn, *args, **kwargs):
@@ -99,6 +56,8 @@ def main():
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="bf16: the same search under bfloat16 autocast (decode.precision=bf16)")
     p.add_argument("--repeats", type=int, default=3, help="batched runs (best kept); per-image: 1")
     p.add_argument("--out", default="bench_results/decode.json")
     args = p.parse_args()
@@ -107,40 +66,37 @@ def main():
     torch.manual_seed(0)
     device = torch.device(args.device)
     vocab, grid, enc, dim = 5000, 7, 512, 512
-    decoder, decoder_name = build_decoder(vocab, enc, dim)
-    decoder = decoder.to(device).eval()
+    decoder = build_decoder(vocab, enc, dim).to(device).eval()
+    decoder_name = "captioner.models.lstm_decoder.LSTMDecoder"
     feats = torch.randn(args.images, grid * grid, enc, device=device)
     n, L = args.images, args.max_length
     common = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "max_length": L}
 
-    with torch.inference_mode():
-        beam_search(decoder, feats[:8], beam_size=3, **common)  # warm-up
-
-        rows = []
-        rep = args.repeats
-        sec, (g_tok, _) = timed(device, rep, greedy_search, decoder, feats, **common)
-        rows.append({"method": "greedy", "beam": 1, "mode": "batched", "seconds": sec})
-        for k in args.beams:
-            sec_b, (tok_b, _, _) = timed(
-                device, rep, beam_search, decoder, feats, beam_size=k, **common
-            )
-            sec_1, singles = timed(device, 1, per_image, decoder, feats, beam_size=k, **common)
-            # same algorithm, so the same captions (up to float ties from batched matmuls)
-            same = sum(
-                torch.equal(tok_b[i, : s[0].size(1)], s[0][0]) for i, s in enumerate(singles)
-            )
-            rows.append({"method": "beam", "beam": k, "mode": "batched", "seconds": sec_b})
-            rows.append(
-                {
-                    "method": "beam",
-                    "beam": k,
-                    "mode": "per-image",
-                    "seconds": sec_1,
-                    "speedup_batched": sec_1[0] / sec_b[0],
-                    "speedup_batched_cpu_time": sec_1[1] / sec_b[1],
-                    "same_captions": f"{same}/{n}",
-                }
-            )
+    rows = []
+    rep = args.repeats
+    for precision in args.precision:
+        bf16 = precision == "bf16"
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            beam_search(decoder, feats[:8], beam_size=3, **common)  # warm-up
+            sec, (g_tok, _) = timed(device, rep, greedy_search, decoder, feats, **common)
+            rows.append({"precision": precision, "method": "greedy", "beam": 1, "mode": "batched",
+                         "seconds": sec})
+            for k in args.beams:
+                sec_b, (tok_b, _, _) = timed(
+                    device, rep, beam_search, decoder, feats, beam_size=k, **common
+                )
+                sec_1, singles = timed(device, 1, per_image, decoder, feats, beam_size=k, **common)
+                # same algorithm, so the same captions (up to float ties from batched matmuls)
+                same = sum(
+                    torch.equal(tok_b[i, : s[0].size(1)], s[0][0]) for i, s in enumerate(singles)
+                )
+                rows.append({"precision": precision, "method": "beam", "beam": k,
+                             "mode": "batched", "seconds": sec_b})
+                rows.append({
+                    "precision": precision, "method": "beam", "beam": k, "mode": "per-image",
+                    "seconds": sec_1, "speedup_batched": sec_1[0] / sec_b[0],
+                    "speedup_batched_cpu_time": sec_1[1] / sec_b[1], "same_captions": f"{same}/{n}",
+                })
 
     for r in rows:
         r["seconds"], r["cpu_seconds"] = r["seconds"]
@@ -149,7 +105,7 @@ def main():
 
     print(f"decoder: {decoder_name}  images: {n}  max_length: {L}  threads: {args.threads}")
     print(f"device: {device}  greedy mean caption length: {mean_len:.1f}")
-    head = f"{'method':<8}{'beam':>5}  {'mode':<10}{'wall s':>8}{'cpu s':>8}{'captions/s':>12}"
+    head = f"{'dtype':<6}{'method':<8}{'beam':>5}  {'mode':<10}{'wall s':>8}{'cpu s':>8}{'captions/s':>12}"
     print(head + "  speed-up wall / cpu")
     for r in rows:
         speed = ""
@@ -157,7 +113,7 @@ def main():
             speed = f"{r['speedup_batched']:.1f}x / {r['speedup_batched_cpu_time']:.1f}x"
             speed += f"  (same captions {r['same_captions']})"
         print(
-            f"{r['method']:<8}{r['beam']:>5}  {r['mode']:<10}{r['seconds']:>8.2f}"
+            f"{r['precision']:<6}{r['method']:<8}{r['beam']:>5}  {r['mode']:<10}{r['seconds']:>8.2f}"
             f"{r['cpu_seconds']:>8.2f}{r['captions_per_s']:>12.1f}  {speed}"
         )
 

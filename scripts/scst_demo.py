@@ -138,8 +138,11 @@ def main() -> None:
           f"({args.baseline} baseline) {args.scst_epochs} epochs {scst_time:.0f} s, "
           f"{args.num_train} training images")
     print(f"validation CIDEr-D (0-10) on {args.num_val} images   cross-entropy   self-critical")
-    for name, decode in [("greedy", {"method": "greedy", "max_length": 20}),
-                         ("beam 3", {"method": "beam", "beam_size": 3, "max_length": 20})]:
+    # bf16 like the demo's own validation (trainer.precision=bf16-mixed): float32 decoding of a
+    # bf16-trained model picks some different words, and the logged val/cider would not match
+    for name, decode in [("greedy", {"method": "greedy", "max_length": 20, "precision": "bf16"}),
+                         ("beam 3", {"method": "beam", "beam_size": 3, "max_length": 20,
+                                     "precision": "bf16"})]:
         before, after = val_cider(xe, data, **decode), val_cider(scst, data, **decode)
         print(f"  {name:8s}{'':35s}{before:8.3f}        {after:8.3f}")
 

@@ -90,3 +90,18 @@ def test_overfits_eight_images(synthetic_root):
     want = [decode(dm.tokenizer, row) for row in ids]
     got = [decode(dm.tokenizer, row) for row in out.tolist()]
     assert sum(w == g for w, g in zip(want, got)) >= 7
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_bf16_decoding_keeps_float_outputs_and_autocast_state(method):
+    torch.manual_seed(0)
+    model = tiny_captioner(12).eval()
+    images = torch.randn(3, 3, 32, 32)
+    fp32, attn32 = model.generate(images, method=method, beam_size=2, max_length=6)
+    bf16, attn16 = model.generate(images, method=method, beam_size=2, max_length=6, precision="bf16")
+    assert bf16.shape[0] == 3 and attn16.dtype == torch.float32
+    torch.testing.assert_close(attn16.sum(-1)[bf16 != 0], torch.ones(int((bf16 != 0).sum())),
+                               atol=2e-2, rtol=0)  # a distribution per generated token
+    assert not torch.is_autocast_enabled("cpu")  # scoped to the call
+    with pytest.raises(ValueError, match="decode.precision"):
+        model.generate(images, precision="fp16")

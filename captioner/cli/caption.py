@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="checkpoint (default: best of the newest run under outputs/train)")
     p.add_argument("--beam-size", type=int, default=None, help="1 = greedy (default: checkpoint's)")
     p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="bf16: bfloat16 autocast, about 2x faster on CPUs with bf16 units")
     p.add_argument("--attention", type=Path, default=None,
                    help="write a picture of the attention per word (one image only)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
             decode.update(method="greedy" if args.beam_size == 1 else "beam", beam_size=args.beam_size)
         if args.max_length is not None:
             decode["max_length"] = args.max_length
+        if args.precision is not None:
+            decode["precision"] = args.precision
         results = caption_files(model, tokenizer, args.images, payload["image_size"], decode,
                                 args.batch_size)
     except InputError as e:  # bad image or checkpoint: one line naming it, nothing written
