@@ -69,7 +69,8 @@ def main() -> None:
     p.add_argument("--ce-epochs", type=int, help="override the preset's cross-entropy epochs")
     p.add_argument("--scst-epochs", type=int, help="override the preset's self-critical epochs")
     p.add_argument("--out", type=Path, help="default: outputs/rsicd/<time>-<decoder>-<encoder>")
-    p.add_argument("overrides", nargs="*", help="extra train.py overrides for both stages")
+    p.add_argument("overrides", nargs="*",
+                   help="extra train.py overrides for both stages (data.* ones also for evaluate.py)")
     args = p.parse_args()
     if not (DATA / "annotations" / "captions_train.json").is_file():
         sys.exit(f"error: RSICD not found at {DATA} (see ../shared/README.md)")
@@ -103,7 +104,8 @@ def main() -> None:
         eval_dir = out / f"test_{name}"
         clock.stage(f"test evaluation ({name})",
                     ["evaluate.py", "data=rsicd", f"data.root={DATA}", "data.cache_features=true",
-                     f"ckpt_path={ckpt}", f"hydra.run.dir={eval_dir}"])
+                     f"ckpt_path={ckpt}", f"hydra.run.dir={eval_dir}",
+                     *[o for o in args.overrides if o.startswith("data.")]])
         rows[name] = json.loads((eval_dir / "metrics_test.json").read_text())
     wall = time.time() - clock.start
 

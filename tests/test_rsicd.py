@@ -1,0 +1,62 @@
+"""The RSICD benchmark's presets (composed from the real configs) and, with ../shared present, its
+pipeline end to end on a few batches (slow)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED, compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RSICD = SHARED / "data" / "rsicd"
+
+
+@pytest.mark.parametrize("decoder", ["rsicd", "rsicd_transformer"])
+def test_rsicd_presets_compose_and_scst_stage_keeps_the_model(decoder, tmp_path):
+    ce = compose_config("train", [f"experiment={decoder}"], tmp_path)
+    scst = compose_config("train", [f"experiment={decoder}_scst", "init_from=x.ckpt"], tmp_path)
+    assert ce.data.cache_features and "rsicd" in ce.data.root
+    assert ce.model.encoder._target_.endswith("EfficientNetLiteEncoder") and not ce.model.encoder.trainable
+    assert ce.trainer.precision == "bf16-mixed" and ce.loss.scst is None
+    # init_from loads the cross-entropy weights: the self-critical stage must build the same model
+    assert scst.model == ce.model and scst.data == ce.data
+    assert scst.loss.scst.baseline == "greedy" and scst.init_from == "x.ckpt"
+    assert scst.optimizer.lr < ce.optimizer.lr and scst.scheduler is None
+    assert (ce.loss.alpha_c > 0) == (decoder == "rsicd")  # doubly stochastic: LSTM only
+
+
+def rsicd_subset(tmp_path: Path, n: int = 24) -> list[str]:
+    """Overrides pointing each split at its first n images (COCO files written to tmp_path)."""
+    overrides = []
+    for split in ("train", "val", "test"):
+        coco = json.loads((RSICD / "annotations" / f"captions_{split}.json").read_text())
+        ids = {im["id"] for im in coco["images"][:n]}
+        coco["images"] = coco["images"][:n]
+        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in ids]
+        path = tmp_path / f"{split}.json"
+        path.write_text(json.dumps(coco))
+        overrides.append(f"data.splits.{split}.annotations={path}")
+    return overrides
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RSICD.is_dir(), reason="../shared/data/rsicd absent")
+def test_make_rsicd_pipeline_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(
+        [sys.executable, "scripts/rsicd.py", "--ce-epochs", "1", "--scst-epochs", "1", "--out",
+         str(out), *rsicd_subset(tmp_path), "data.min_word_frequency=1",
+         f"data.cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, check=True)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["test"]) == {"self-critical", "cross-entropy"}
+    for r in results["test"].values():
+        assert {"bleu4", "meteor", "rouge_l", "cider"} <= set(r["metrics"])
+        assert r["decode"]["beam_size"] == 3
+    assert "| system | BLEU-4 |" in (out / "results.md").read_text()
+    with pytest.raises(subprocess.CalledProcessError):  # never overwrite a run
+        subprocess.run([sys.executable, "scripts/rsicd.py", "--out", str(out)], cwd=ROOT,
+                       check=True, capture_output=True)
