@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--num-train", type=int, default=1000, help="training images of the embedded set")
     p.add_argument("--num-val", type=int, default=100)
     p.add_argument("--baseline", default="greedy", choices=["greedy", "mean"])
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "scst_demo")
+    p.add_argument("--out", type=Path, help="default: outputs/scst_demo/<time>")
     p.add_argument("--bench-precision", action="store_true")
     p.add_argument("--bench-steps", type=int, default=3)
     p.add_argument("--bench-repeats", type=int, default=5)
@@ -121,15 +121,18 @@ def main() -> None:
         bench_precision(args.bench_steps, args.bench_repeats)
         return
 
+    out = args.out or ROOT / "outputs" / "scst_demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if out.exists():  # a stage would find the older run's checkpoints there
+        sys.exit(f"error: {out} exists; runs never overwrite each other")
     # its own root: a differently sized set must not replace the default one in data/synthetic
     data = [f"data.root=data/synthetic_{args.num_train}_{args.num_val}",
             f"data.synthetic.num_train={args.num_train}", f"data.synthetic.num_val={args.num_val}",
             f"data.synthetic.num_test={args.num_val}"]
     common = [*data, "test=false", "~callbacks.early_stopping"]
     start = time.time()
-    xe = train(args.out / "xe", "experiment=demo", f"trainer.max_epochs={args.ce_epochs}", *common)
+    xe = train(out / "xe", "experiment=demo", f"trainer.max_epochs={args.ce_epochs}", *common)
     xe_time = time.time() - start
-    scst = train(args.out / "scst", "experiment=scst_demo", f"init_from={xe}",
+    scst = train(out / "scst", "experiment=scst_demo", f"init_from={xe}",
                  f"trainer.max_epochs={args.scst_epochs}", f"loss.scst.baseline={args.baseline}",
                  *common)
     scst_time = time.time() - start - xe_time
