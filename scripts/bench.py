@@ -195,8 +195,8 @@ def train_steps(device, repeats, transformer=False):
 
 def decode_rows(device, repeats, images):
     torch.manual_seed(0)
-    decoder, name = build_decoder(VOCAB, ENC, DIM)
-    decoder = decoder.to(device).eval()
+    decoder = build_decoder(VOCAB, ENC, DIM).to(device).eval()
+    name = type(decoder).__name__
     feats = torch.randn(images, GRID * GRID, ENC, device=device)
     common = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "max_length": 20}
     rows = []

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.images import build_transform, load_image
 from captioner.features.cache import cached_features
-from captioner.models.encoder import EfficientNetLiteEncoder
+from captioner.models.encoder import CNNEncoder, EfficientNetLiteEncoder
 from captioner.models.lstm_decoder import LSTMDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="raw path's image-loading processes")
     p.add_argument("--decoder", choices=sorted(DECODERS), default="demo")
+    p.add_argument("--encoder", default="efficientnet_lite0",
+                   help="efficientnet_lite0 (ImageNet weights) or a torchvision name, e.g. resnet101 "
+                        "(the Show-Attend-Tell tutorial's encoder; random weights, same cost)")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "features.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -143,7 +146,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dm = make_datamodule(args.data, Path(tmp), args.workers, args.num_images,
                             args.captions_per_image)
-        encoder = EfficientNetLiteEncoder().eval()  # pretrained, frozen
+        if args.encoder == "efficientnet_lite0":
+            encoder = EfficientNetLiteEncoder().eval()  # pretrained, frozen
+        else:  # torchvision architecture, random weights: the same work as trained ones
+            encoder = CNNEncoder(args.encoder, trainable=False).eval()
         tok = dm.tokenizer
         decoder = LSTMDecoder(vocab_size=len(tok), encoder_dim=encoder.out_dim,
                               pad_id=tok.pad_token_id, **DECODERS[args.decoder])
@@ -180,8 +186,8 @@ def main() -> None:
     speedup = results["raw"] / results["cached"]
     report = {
         "data": args.data, "train_images": n_images, "image_size": dm.image_size,
-        "batch_size": dm.batch_size, "captions_per_image": args.captions_per_image, "encoder": "efficientnet_lite0 (pretrained, frozen)",
-        "grid": [49, encoder.out_dim], "decoder": f"lstm {args.decoder} {DECODERS[args.decoder]}",
+        "batch_size": dm.batch_size, "captions_per_image": args.captions_per_image, "encoder": f"{args.encoder} (frozen)",
+        "grid": [cache.meta["shape"][1], encoder.out_dim], "decoder": f"lstm {args.decoder} {DECODERS[args.decoder]}",
         "threads": args.threads, "raw_workers": args.workers, "epochs_timed": args.epochs,
         "extract_s": round(extract_s, 2), "epoch_raw_s": round(results["raw"], 3),
         "epoch_cached_s": round(results["cached"], 3), "speedup": round(speedup, 1),
@@ -194,11 +200,11 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpus": os.cpu_count(), "torch": torch.__version__,
     }
-    print("| data | images | captions/image | decoder | threads | extract once (s) | epoch from images (s) "
+    print("| data | images | encoder | captions/image | decoder | threads | extract once (s) | epoch from images (s) "
           "| epoch from cache (s) | speed-up | grids only: images (s) | grids only: cache (s) "
           "| speed-up | max abs diff vs forward |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.data} | {n_images} | {args.captions_per_image} | {args.decoder} | {args.threads} | {extract_s:.1f} | "
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.data} | {n_images} | {args.encoder} | {args.captions_per_image} | {args.decoder} | {args.threads} | {extract_s:.1f} | "
           f"{results['raw']:.2f} | {results['cached']:.3f} | {speedup:.1f}x | {input_s['raw']:.2f} | "
           f"{input_s['cached']:.4f} | {input_s['raw'] / input_s['cached']:.0f}x | {diff:.1e} |")
     out = Path(args.out)
