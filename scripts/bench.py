@@ -10,7 +10,8 @@ Measures, all in one process so the ratios share the machine's conditions:
 - one training step (forward + backward + Adam) of the project's ``LSTMDecoder`` and of a plain
   re-implementation of the tutorial's step (below: key projection recomputed every step, batch
   sorted by length and shrunk as captions end, per-step vocabulary projection), fp32 and bf16
-  autocast; images/s and the fraction of the FLOP bound (useful FLOPs, see ``lstm_step_flops``);
+  autocast; images/s and the fraction of the FLOP bound (useful FLOPs, see ``lstm_step_flops``
+  and ``transformer_step_flops``);
 - optionally (``--transformer``) the 3-layer d_model 512 Transformer decoder's step;
 - batched greedy and beam-5 captions/s (``bench_decode``'s decoder and timer).
 
@@ -135,6 +136,21 @@ def lstm_step_flops(words: torch.Tensor) -> float:
     return 3 * (positions * per_pos + BATCH * per_img)
 
 
+def transformer_step_flops(words: torch.Tensor, layers: int = 3, ff: int = 1024) -> float:
+    """Useful FLOPs of one Transformer training step (x3 as above), counting real positions only
+    (n = words + EOS per caption; padding is not useful work). Per position and layer: self-
+    attention q/k/v/o 8d^2, cross-attention q/o 4d^2, feed-forward 4 d ff, cross scores and
+    read-out 4Rd; causal self-attention scores and read-out 4(t+1)d at position t. Per image and
+    layer: cross-attention k/v of the R regions 4Rd^2; per image: the grid projection 2RCd; per
+    position: the vocabulary 2dV."""
+    d, C, R, V = DIM, ENC, GRID * GRID, VOCAB
+    n = (words + 1).double()
+    positions, causal = float(n.sum()), float((n * (n + 1) / 2).sum())
+    per_pos = layers * (8 * d * d + 4 * d * d + 4 * d * ff + 4 * R * d) + 2 * d * V
+    per_img = layers * 4 * R * d * d + 2 * R * C * d
+    return 3 * (positions * per_pos + causal * layers * 4 * d + BATCH * per_img)
+
+
 def train_steps(device, repeats, transformer=False):
     feats, caps, lengths = make_batch(device)
     words = lengths - 2
@@ -186,10 +202,9 @@ def train_steps(device, repeats, transformer=False):
                 opt.step()
 
             sec = median_time(step, repeats, sync=_sync(device))
+            useful = transformer_step_flops(words.cpu()) if name.startswith("transformer") else flops
             rows.append({"model": name, "precision": precision, "seconds": sec,
-                         "images_per_s": BATCH / sec,
-                         "useful_gflop": flops / 1e9 if "LSTM" in name or "tutorial" in name
-                         else None})  # fmt: skip
+                         "images_per_s": BATCH / sec, "useful_gflop": useful / 1e9})
     return rows, flops, float(words.float().mean())
 
 
@@ -228,10 +243,10 @@ def main():
         "bf16": matmul_gflops(device, torch.bfloat16, args.repeats),
     }
     train, flops, mean_words = train_steps(device, args.repeats, args.transformer)
-    for r in train:
-        if r["useful_gflop"] is not None:
-            r["fraction_of_bound"] = flops / r["seconds"] / (gflops[r["precision"]] * 1e9)
-            r["bound_images_per_s"] = gflops[r["precision"]] * 1e9 / flops * BATCH
+    for r in train:  # each model against its own useful FLOPs
+        useful = r["useful_gflop"] * 1e9
+        r["fraction_of_bound"] = useful / r["seconds"] / (gflops[r["precision"]] * 1e9)
+        r["bound_images_per_s"] = gflops[r["precision"]] * 1e9 / useful * BATCH
     base = {r["precision"]: r["seconds"] for r in train if r["model"].startswith("tutorial")}
     for r in train:
         r["speedup_vs_tutorial"] = base[r["precision"]] / r["seconds"]
@@ -239,13 +254,12 @@ def main():
 
     print(f"{date.today()}  device {device}  threads {args.threads}  torch {torch.__version__}")
     print(f"matmul 2048^3: fp32 {gflops['fp32']:.0f} GFLOP/s, bf16 {gflops['bf16']:.0f} GFLOP/s")
-    print(f"training step: batch {BATCH}, mean {mean_words:.1f} words, "
-          f"useful {flops / 1e9:.1f} GFLOP per step (fwd+bwd)")  # fmt: skip
+    print(f"training step: batch {BATCH}, mean {mean_words:.1f} words, useful GFLOP per step "
+          f"(fwd+bwd): " + ", ".join(sorted({f"{r['model']} {r['useful_gflop']:.1f}" for r in train})))
     print(f"{'model':<22}{'prec':<6}{'ms/step':>9}{'images/s':>10}{'vs tut.':>9}"
           f"{'of bound':>10}{'bound img/s':>13}")  # fmt: skip
     for r in train:
-        frac = f"{r['fraction_of_bound']:.0%}" if "fraction_of_bound" in r else "-"
-        bound = f"{r['bound_images_per_s']:.0f}" if "bound_images_per_s" in r else "-"
+        frac, bound = f"{r['fraction_of_bound']:.0%}", f"{r['bound_images_per_s']:.0f}"
         print(f"{r['model']:<22}{r['precision']:<6}{r['seconds'] * 1e3:>9.0f}"
               f"{r['images_per_s']:>10.1f}{r['speedup_vs_tutorial']:>8.2f}x{frac:>10}{bound:>13}")  # fmt: skip
     print(f"decoding ({dec_name}, fp32, max_length 20, batched):")
