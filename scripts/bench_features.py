@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from captioner.data.captions import write_coco_subset
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.images import build_transform, load_image
 from captioner.features.cache import cached_features
@@ -46,20 +47,10 @@ SHARED = ROOT.parent / "shared" / "data" / "coco-mini"
 RSICD = ROOT.parent / "shared" / "data" / "rsicd"
 
 
-def rsicd_subset(tmp: Path, n: int) -> Path:
-    """The first n RSICD training images with their captions, as a COCO caption file."""
-    coco = json.loads((RSICD / "annotations" / "captions_train.json").read_text())
-    images = coco["images"][:n]
-    ids = {im["id"] for im in images}
-    coco.update(images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
-    path = tmp / "rsicd_train_subset.json"
-    path.write_text(json.dumps(coco))
-    return path
-
-
 def make_datamodule(kind: str, tmp: Path, workers: int, num_images: int, k: int) -> CaptionDataModule:
     if kind == "rsicd":
-        splits = {"train": {"annotations": str(rsicd_subset(tmp, num_images)),
+        splits = {"train": {"annotations": str(write_coco_subset(
+            RSICD / "annotations" / "captions_train.json", num_images, tmp / "rsicd_train_subset.json")),
                             "images": str(RSICD / "images")}}
         dm = CaptionDataModule(splits, image_size=224, batch_size=16, num_workers=workers,
                                captions_per_image=k, cache_dir=str(tmp / "cache"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from captioner.data.captions import write_coco_subset
 from tests.conftest import SHARED, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,12 +33,8 @@ def rsicd_subset(tmp_path: Path, n: int = 24) -> list[str]:
     """Overrides pointing each split at its first n images (COCO files written to tmp_path)."""
     overrides = []
     for split in ("train", "val", "test"):
-        coco = json.loads((RSICD / "annotations" / f"captions_{split}.json").read_text())
-        ids = {im["id"] for im in coco["images"][:n]}
-        coco["images"] = coco["images"][:n]
-        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in ids]
-        path = tmp_path / f"{split}.json"
-        path.write_text(json.dumps(coco))
+        path = write_coco_subset(RSICD / "annotations" / f"captions_{split}.json", n,
+                                 tmp_path / f"{split}.json")
         overrides.append(f"data.splits.{split}.annotations={path}")
     return overrides
 

@@ -198,3 +198,16 @@ def read_split(
     if not records:
         raise CaptionDataError(f"{annotations}: no image with a caption" + (f" in split {split!r}" if split else ""))
     return records
+
+
+def write_coco_subset(annotations: str | Path, n: int, out: str | Path) -> Path:
+    """A COCO caption file with the first ``n`` images of ``annotations`` and only their captions
+    (quick benchmarks and tests on a slice of a real set). Returns ``out``."""
+    from captioner.utils.io import atomic_write_json
+
+    coco = _load_json(Path(annotations))
+    images = coco["images"][:n]
+    ids = {im["id"] for im in images}
+    coco.update(images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
+    atomic_write_json(out, coco)
+    return Path(out)

@@ -41,13 +41,17 @@ class Captioner(nn.Module):
         """Token ids (B, L) (no BOS, EOS kept, pad after) and attention (B, L, R).
 
         ``precision="bf16"`` runs encoder and search under bfloat16 autocast (about twice the
-        matmul rate of a CPU with bf16 units; scores are still accumulated in float32). ``None``
-        or ``"fp32"`` leaves the caller's autocast state (e.g. Lightning's) as it is."""
+        matmul rate of a CPU with bf16 units; scores are still accumulated in float32), ``"fp32"``
+        in float32 even inside an autocast region, ``None`` as the caller runs (e.g. under
+        Lightning's ``trainer.precision``)."""
         if precision not in (None, "fp32", "bf16"):
             raise ValueError(f"decode.precision={precision!r}: fp32 or bf16")
         device = (images if features is None else features).device
-        bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        with bf16:
+        if precision is None:
+            scope = nullcontext()
+        else:
+            scope = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        with scope:
             if features is None:
                 features = self.encode(images)
             tokens, attn = generate(
