@@ -12,7 +12,8 @@ Measures, all in one process so the ratios share the machine's conditions:
   sorted by length and shrunk as captions end, per-step vocabulary projection), fp32 and bf16
   autocast; images/s and the fraction of the FLOP bound (useful FLOPs, see ``lstm_step_flops``
   and ``transformer_step_flops``);
-- optionally (``--transformer``) the 3-layer d_model 512 Transformer decoder's step;
+- optionally (``--transformer``) the 3-layer d_model 512 Transformer decoder's step, and
+  (``--compile``) torch.compile'd twins of our decoders (``train.py compile=true``);
 - batched greedy and beam-5 captions/s (``bench_decode``'s decoder and timer).
 
 Every time is the median of ``--repeats`` runs after warm-up. Writes ``bench_results/bench.json``.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import statistics
@@ -39,6 +41,7 @@ from bench_decode import BOS, EOS, PAD, build_decoder  # noqa: E402
 
 from captioner.models.lstm_decoder import LSTMDecoder  # noqa: E402
 from captioner.models.search import beam_search, greedy_search  # noqa: E402
+from captioner.utils.cpu import keep_freed_memory  # noqa: E402
 
 BATCH, GRID, ENC, DIM, VOCAB = 64, 7, 512, 512, 5000
 
@@ -151,7 +154,7 @@ def transformer_step_flops(words: torch.Tensor, layers: int = 3, ff: int = 1024)
     return 3 * (positions * per_pos + causal * layers * 4 * d + BATCH * per_img)
 
 
-def train_steps(device, repeats, transformer=False):
+def train_steps(device, repeats, transformer=False, compile_=False):
     feats, caps, lengths = make_batch(device)
     words = lengths - 2
     flops = lstm_step_flops(words.cpu())
@@ -160,29 +163,27 @@ def train_steps(device, repeats, transformer=False):
                        dropout=0.5, pad_id=PAD).to(device).train()  # fmt: skip
     tut = TutorialDecoder(VOCAB, ENC, DIM, DIM, DIM).to(device).train()
 
-    def ours_step(opt):
-        logits, _ = ours(feats, caps[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB).float(), caps[:, 1:].reshape(-1),
+    def teacher_forced_loss(model):  # ours and the Transformer: one forward over all steps
+        logits, _ = model(feats, caps[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, VOCAB).float(), caps[:, 1:].reshape(-1),
                                ignore_index=PAD)  # fmt: skip
-        return loss
 
-    def tut_step(opt):
-        preds, targets, dl, _ = tut(feats, caps, lengths)
+    def tutorial_loss(model):
+        preds, targets, dl, _ = model(feats, caps, lengths)
         mask = torch.arange(preds.size(1), device=device)[None] < torch.tensor(dl, device=device)[:, None]
         return F.cross_entropy(preds[mask].float(), targets[:, : preds.size(1)][mask])
 
-    models = {"ours (LSTMDecoder)": (ours, ours_step), "tutorial re-impl.": (tut, tut_step)}
+    models = {"ours (LSTMDecoder)": (ours, teacher_forced_loss), "tutorial re-impl.": (tut, tutorial_loss)}
     if transformer:
         from captioner.models.transformer_decoder import TransformerDecoder
 
         tr = TransformerDecoder(VOCAB, ENC, d_model=DIM, num_layers=3).to(device).train()
-
-        def tr_step(opt):
-            logits, _ = tr(feats, caps[:, :-1])
-            return F.cross_entropy(logits.reshape(-1, VOCAB).float(), caps[:, 1:].reshape(-1),
-                                   ignore_index=PAD)  # fmt: skip
-
-        models["transformer (3x512)"] = (tr, tr_step)
+        models["transformer (3x512)"] = (tr, teacher_forced_loss)
+    if compile_:  # train.py compile=true: a compiled twin of each of our models, same weights
+        for name in [n for n in models if not n.startswith("tutorial")]:
+            twin = copy.deepcopy(models[name][0])
+            twin.compile()
+            models[name.split(" ")[0] + " compiled"] = (twin, teacher_forced_loss)
 
     rows = []
     for precision in ("fp32", "bf16"):
@@ -197,14 +198,19 @@ def train_steps(device, repeats, transformer=False):
             def step(model=model, loss_fn=loss_fn, opt=opt, ctx=ctx):
                 opt.zero_grad(set_to_none=True)
                 with ctx:
-                    loss = loss_fn(opt)
+                    loss = loss_fn(model)
                 loss.backward()
                 opt.step()
 
+            t0 = time.perf_counter()
+            step()  # compiled models compile here (once per precision), outside the timing
+            first = time.perf_counter() - t0
             sec = median_time(step, repeats, sync=_sync(device))
-            useful = transformer_step_flops(words.cpu()) if name.startswith("transformer") else flops
+            is_tr = name.startswith("transformer")
+            useful = transformer_step_flops(words.cpu()) if is_tr else flops
             rows.append({"model": name, "precision": precision, "seconds": sec,
-                         "images_per_s": BATCH / sec, "useful_gflop": useful / 1e9})
+                         "images_per_s": BATCH / sec, "useful_gflop": useful / 1e9,
+                         "first_step_s": first})  # fmt: skip
     return rows, flops, float(words.float().mean())
 
 
@@ -233,16 +239,20 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-images", type=int, default=256)
     p.add_argument("--transformer", action="store_true", help="also the Transformer decoder")
+    p.add_argument("--compile", action="store_true",
+                   help="also torch.compile'd twins of our decoders (train.py compile=true); "
+                        "each compiles for a minute or two")
     p.add_argument("--out", default="bench_results/bench.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as train.py / evaluate.py do
     device = torch.device(args.device)
 
     gflops = {
         "fp32": matmul_gflops(device, torch.float32, args.repeats),
         "bf16": matmul_gflops(device, torch.bfloat16, args.repeats),
     }
-    train, flops, mean_words = train_steps(device, args.repeats, args.transformer)
+    train, flops, mean_words = train_steps(device, args.repeats, args.transformer, args.compile)
     for r in train:  # each model against its own useful FLOPs
         useful = r["useful_gflop"] * 1e9
         r["fraction_of_bound"] = useful / r["seconds"] / (gflops[r["precision"]] * 1e9)
@@ -257,11 +267,12 @@ def main():
     print(f"training step: batch {BATCH}, mean {mean_words:.1f} words, useful GFLOP per step "
           f"(fwd+bwd): " + ", ".join(sorted({f"{r['model']} {r['useful_gflop']:.1f}" for r in train})))
     print(f"{'model':<22}{'prec':<6}{'ms/step':>9}{'images/s':>10}{'vs tut.':>9}"
-          f"{'of bound':>10}{'bound img/s':>13}")  # fmt: skip
+          f"{'of bound':>10}{'bound img/s':>13}{'1st step s':>12}")  # fmt: skip
     for r in train:
         frac, bound = f"{r['fraction_of_bound']:.0%}", f"{r['bound_images_per_s']:.0f}"
         print(f"{r['model']:<22}{r['precision']:<6}{r['seconds'] * 1e3:>9.0f}"
-              f"{r['images_per_s']:>10.1f}{r['speedup_vs_tutorial']:>8.2f}x{frac:>10}{bound:>13}")  # fmt: skip
+              f"{r['images_per_s']:>10.1f}{r['speedup_vs_tutorial']:>8.2f}x{frac:>10}{bound:>13}"
+              f"{r['first_step_s']:>12.1f}")  # fmt: skip
     print(f"decoding ({dec_name}, fp32, max_length 20, batched):")
     for r in dec:
         print(f"  {r['method']:<8}{r['images']:>5} images {r['seconds']:>7.2f} s "

@@ -22,6 +22,7 @@ import torch
 
 from captioner.models.lstm_decoder import LSTMDecoder
 from captioner.models.search import beam_search, greedy_search
+from captioner.utils.cpu import keep_freed_memory
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -63,6 +64,7 @@ def main():
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as train.py / evaluate.py do
     torch.manual_seed(0)
     device = torch.device(args.device)
     vocab, grid, enc, dim = 5000, 7, 512, 512

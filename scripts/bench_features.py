@@ -2,6 +2,7 @@
 
     python scripts/bench_features.py [--data rsicd|coco_mini|synthetic] [--epochs 3] [--threads 2]
                                      [--decoder demo|sat] [--num-images 640] [--captions-per-image 5]
+                                     [--batch-size 16] [--precision fp32|bf16] [--encoder NAME]
 
 ``rsicd``: the first ``--num-images`` RSICD training photographs (224x224 JPEGs).
 ``--captions-per-image``: how many of each image's captions one epoch trains (5: all, one image
@@ -9,7 +10,8 @@ read per 5 captions; 1: one random caption per image per epoch, the cheapest dec
 
 Frozen pretrained EfficientNet-Lite0 (224 px, 7x7x1280 grid) + the project's attention LSTM
 (``demo``: embed 128, hidden 256, attention 128, the coco_mini preset's size; ``sat``: 256/512/256).
-One training epoch = every training image once in batches of 16: raw path = JPEG decode + resize
+One training epoch = every training image once in batches of ``--batch-size`` (``--precision bf16``:
+encoder and decoder forward under bf16 autocast, as ``trainer.precision=bf16-mixed`` runs them): raw path = JPEG decode + resize
 in ``--workers`` loader processes, encoder forward (frozen, no gradients), teacher-forced loss,
 backward, Adam step; cached path = the same with the grid read from the cache instead. Both paths
 train identical copies of the decoder on the same shuffled image order (same seed per epoch), and
@@ -41,24 +43,26 @@ from captioner.data.images import build_transform, load_image
 from captioner.features.cache import cached_features
 from captioner.models.encoder import CNNEncoder, EfficientNetLiteEncoder
 from captioner.models.lstm_decoder import LSTMDecoder
+from captioner.utils.cpu import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "coco-mini"
 RSICD = ROOT.parent / "shared" / "data" / "rsicd"
 
 
-def make_datamodule(kind: str, tmp: Path, workers: int, num_images: int, k: int) -> CaptionDataModule:
+def make_datamodule(kind: str, tmp: Path, workers: int, num_images: int, k: int,
+                    batch_size: int) -> CaptionDataModule:
     if kind == "rsicd":
         splits = {"train": {"annotations": str(write_coco_subset(
             RSICD / "annotations" / "captions_train.json", num_images, tmp / "rsicd_train_subset.json")),
                             "images": str(RSICD / "images")}}
-        dm = CaptionDataModule(splits, image_size=224, batch_size=16, num_workers=workers,
+        dm = CaptionDataModule(splits, image_size=224, batch_size=batch_size, num_workers=workers,
                                captions_per_image=k, cache_dir=str(tmp / "cache"))
     elif kind == "coco_mini":
         ann, img = SHARED / "annotations", SHARED / "images"
         splits = {"train": {"annotations": str(ann / "captions_train2017.json"),
                             "images": str(img / "train2017")}}
-        dm = CaptionDataModule(splits, image_size=224, batch_size=16, num_workers=workers,
+        dm = CaptionDataModule(splits, image_size=224, batch_size=batch_size, num_workers=workers,
                                captions_per_image=k, min_word_frequency=2, cache_dir=str(tmp / "cache"))
     else:
         from captioner.data.synthetic import generate
@@ -66,26 +70,28 @@ def make_datamodule(kind: str, tmp: Path, workers: int, num_images: int, k: int)
         generate(tmp / "syn", num_train=256, num_val=8, num_test=8, image_size=64, seed=0)
         splits = {"train": {"annotations": str(tmp / "syn/annotations/captions_train.json"),
                             "images": str(tmp / "syn/images")}}
-        dm = CaptionDataModule(splits, image_size=224, batch_size=16, num_workers=workers,
+        dm = CaptionDataModule(splits, image_size=224, batch_size=batch_size, num_workers=workers,
                                captions_per_image=k, cache_dir=str(tmp / "cache"))
     dm.setup()
     return dm
 
 
-def epoch(loader, encoder, decoder, optimizer, pad_id) -> float:
+def epoch(loader, encoder, decoder, optimizer, pad_id, bf16: bool) -> float:
     start = time.perf_counter()
     for batch in loader:
-        if "features" in batch:
-            feats = batch["features"]  # (B, R, C)
-        else:
-            with torch.no_grad():
-                feats = encoder(batch["images"])  # (B, R, C)
-        captions = batch["captions"]  # (B, k, T)
-        B, k, T = captions.shape
-        tokens = captions.view(B * k, T)
-        logits, _ = decoder(feats, tokens[:, :-1])  # (B*k, T-1, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
-                               ignore_index=pad_id)
+        # as under Lightning's bf16-mixed: encoder and decoder forward both in autocast
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            if "features" in batch:
+                feats = batch["features"]  # (B, R, C)
+            else:
+                with torch.no_grad():
+                    feats = encoder(batch["images"])  # (B, R, C)
+            captions = batch["captions"]  # (B, k, T)
+            B, k, T = captions.shape
+            tokens = captions.view(B * k, T)
+            logits, _ = decoder(feats, tokens[:, :-1])  # (B*k, T-1, V)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                   tokens[:, 1:].reshape(-1), ignore_index=pad_id)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -105,12 +111,12 @@ def max_feature_diff(cache, dm, encoder, n: int = 16) -> float:
     return (cache.rows(list(range(len(paths)))) - encoder(images)).abs().max().item()
 
 
-def input_epoch(loader, encoder) -> float:
+def input_epoch(loader, encoder, bf16: bool) -> float:
     """The part the cache replaces: every batch's grid (read, or decoded + encoded), no decoder."""
     start = time.perf_counter()
     for batch in loader:
         if "features" not in batch:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 encoder(batch["images"])
     return time.perf_counter() - start
 
@@ -126,17 +132,22 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="raw path's image-loading processes")
     p.add_argument("--decoder", choices=sorted(DECODERS), default="demo")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (rsicd preset: 32)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: encoder and decoder under bf16 autocast (trainer.precision=bf16-mixed)")
     p.add_argument("--encoder", default="efficientnet_lite0",
                    help="efficientnet_lite0 (ImageNet weights) or a torchvision name, e.g. resnet101 "
                         "(the Show-Attend-Tell tutorial's encoder; random weights, same cost)")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "features.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as train.py / evaluate.py do
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
         dm = make_datamodule(args.data, Path(tmp), args.workers, args.num_images,
-                            args.captions_per_image)
+                             args.captions_per_image, args.batch_size)
+        bf16 = args.precision == "bf16"
         if args.encoder == "efficientnet_lite0":
             encoder = EfficientNetLiteEncoder().eval()  # pretrained, frozen
         else:  # torchvision architecture, random weights: the same work as trained ones
@@ -165,19 +176,19 @@ def main() -> None:
             for mode in (("raw", "cached") if e % 2 else ("cached", "raw")):
                 torch.manual_seed(1000 + e)  # the same image order for both paths
                 dec, opt = models[mode]
-                times[mode].append(epoch(loaders[mode], encoder, dec, opt, tok.pad_token_id))
+                times[mode].append(epoch(loaders[mode], encoder, dec, opt, tok.pad_token_id, bf16))
         results = {m: statistics.median(t[1:]) for m, t in times.items()}
         inputs = {"cached": [], "raw": []}
         for e in range(args.epochs):
             for mode in (("raw", "cached") if e % 2 else ("cached", "raw")):
                 torch.manual_seed(1000 + e)
-                inputs[mode].append(input_epoch(loaders[mode], encoder))
+                inputs[mode].append(input_epoch(loaders[mode], encoder, bf16))
         input_s = {m: statistics.median(t) for m, t in inputs.items()}
 
     speedup = results["raw"] / results["cached"]
     report = {
         "data": args.data, "train_images": n_images, "image_size": dm.image_size,
-        "batch_size": dm.batch_size, "captions_per_image": args.captions_per_image, "encoder": f"{args.encoder} (frozen)",
+        "batch_size": dm.batch_size, "precision": args.precision, "captions_per_image": args.captions_per_image, "encoder": f"{args.encoder} (frozen)",
         "grid": [cache.meta["shape"][1], encoder.out_dim], "decoder": f"lstm {args.decoder} {DECODERS[args.decoder]}",
         "threads": args.threads, "raw_workers": args.workers, "epochs_timed": args.epochs,
         "extract_s": round(extract_s, 2), "epoch_raw_s": round(results["raw"], 3),
@@ -191,11 +202,11 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpus": os.cpu_count(), "torch": torch.__version__,
     }
-    print("| data | images | encoder | captions/image | decoder | threads | extract once (s) | epoch from images (s) "
+    print("| data | images | encoder | captions/image | decoder | batch | precision | threads | extract once (s) | epoch from images (s) "
           "| epoch from cache (s) | speed-up | grids only: images (s) | grids only: cache (s) "
           "| speed-up | max abs diff vs forward |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.data} | {n_images} | {args.encoder} | {args.captions_per_image} | {args.decoder} | {args.threads} | {extract_s:.1f} | "
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.data} | {n_images} | {args.encoder} | {args.captions_per_image} | {args.decoder} | {args.batch_size} | {args.precision} | {args.threads} | {extract_s:.1f} | "
           f"{results['raw']:.2f} | {results['cached']:.3f} | {speedup:.1f}x | {input_s['raw']:.2f} | "
           f"{input_s['cached']:.4f} | {input_s['raw'] / input_s['cached']:.0f}x | {diff:.1e} |")
     out = Path(args.out)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.utils.io import atomic_write_bytes, atomic_write_json
+from captioner.utils.cpu import keep_freed_memory
 
 VARIANTS = {
     "lstm_additive": ["experiment=lstm_attention"],
@@ -136,6 +137,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every variant")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as train.py / evaluate.py do
     if args.out is None:
         args.out = Path("outputs/compare_decoders") / time.strftime("%Y-%m-%d_%H-%M-%S")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -207,3 +207,18 @@ def test_unknown_name():
 def test_bad_head_count():
     with pytest.raises(ValueError, match="divisible"):
         build_attention("multihead", DQ, DK, 10, num_heads=3)
+
+
+def test_cpu_tanh_equals_torch_tanh_with_gradients():
+    from captioner.models.attention import tanh
+
+    x = (torch.randn(4, 49, 64, dtype=torch.float64) * 4).float().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = tanh(x), torch.tanh(x_ref)
+    assert (y - y_ref).abs().max() < 5e-7
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-6)
+    with torch.no_grad():  # inference (beam search) path
+        assert torch.allclose(tanh(x), y_ref, atol=5e-7)

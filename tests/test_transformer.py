@@ -179,3 +179,15 @@ def test_evaluate_with_transformer_checkpoint(trained, synthetic_root, tmp_path)
                       "decode.beam_size=2")
     report = eval_run(cfg, tmp_path)
     assert 0.0 <= report["bleu4"] <= 1.0 and 0.0 <= report["cider"] <= 10.0
+
+
+@pytest.mark.slow
+def test_compile_switch_trains_and_keeps_checkpoint_keys(train_cfg, tmp_path):
+    """compile=true: the decoder's forward runs through torch.compile (inductor builds C++
+    kernels, hence slow) and its checkpoint loads into an uncompiled model."""
+    train_run(train_cfg(*TINY_TRANSFORMER, "compile=true", "trainer.max_epochs=1", "test=false"))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+    from captioner.checkpoint import load_checkpoint
+
+    load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")

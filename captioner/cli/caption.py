@@ -43,7 +43,10 @@ def main(argv=None) -> int:
     from captioner.checkpoint import load_checkpoint
     from captioner.data.images import ImageLoadError
     from captioner.inference import caption_files
+    from captioner.utils.cpu import keep_freed_memory
     from captioner.utils.errors import InputError
+
+    keep_freed_memory()
 
     try:
         for path in args.images:

@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.utils.cpu import keep_freed_memory
 from captioner.utils.hydra import CONFIG_DIR, exit_on_bad_input, register_resolvers
 
 log = logging.getLogger("captioner.evaluate")
@@ -70,6 +71,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    keep_freed_memory()
     with exit_on_bad_input(log):
         run(cfg, HydraConfig.get().runtime.output_dir)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.utils.cpu import keep_freed_memory
 from captioner.utils.hydra import CONFIG_DIR, LAST_CHECKPOINT, exit_on_bad_input, register_resolvers
 
 log = logging.getLogger("captioner.train")
@@ -64,6 +65,8 @@ def run(cfg: DictConfig) -> dict:
     if resumed:
         check_same_model_config(ckpt_path, resumed["model_config"], model_config)
     model = build_model(model_config)
+    if cfg.get("compile"):  # in place: parameter names, hence checkpoints, stay the same
+        model.decoder.compile()
     module = CaptioningModule(
         model=model, tokenizer=tok, model_config=model_config,
         optimizer=instantiate(cfg.optimizer),
@@ -102,6 +105,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()
     with exit_on_bad_input(log):
         run(cfg)
 

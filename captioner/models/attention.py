@@ -36,6 +36,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class _SigmoidTanh(torch.autograd.Function):
+    """tanh(x) = 2 sigmoid(2x) - 1, in place on one buffer; backward from the output as tanh's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = x.mul(2).sigmoid_().mul_(2).sub_(1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+def tanh(x: Tensor) -> Tensor:
+    """``torch.tanh``, but on CPU through the sigmoid kernel: ATen's CPU tanh is about 4x slower
+    than its sigmoid (fp32, AVX-512), and additive attention takes the tanh of a (B, R, A) tensor
+    at every decoding step. Equal to torch.tanh within 2e-7 in fp32 (bf16: within its rounding)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _SigmoidTanh.apply(x)
+    return torch.tanh(x)
+
+
 def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int = -1) -> Tensor:
     """Softmax that gives exactly zero weight to masked positions (and all-zero rows when a row
     is fully masked). ``mask`` broadcasts against ``scores``.
@@ -119,7 +143,7 @@ class AdditiveAttention(Attention):
 
     def score(self, query: Tensor, prepared: Tensor) -> Tensor:
         q = self.query_proj(query)  # (B, T, A)
-        hidden = torch.tanh(q.unsqueeze(2) + prepared.unsqueeze(1))  # (B, T, R, A)
+        hidden = tanh(q.unsqueeze(2) + prepared.unsqueeze(1))  # (B, T, R, A)
         return self.v(hidden).squeeze(-1)  # (B, T, R)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from captioner.models.attention import AdditiveAttention, build_attention
+from captioner.models.attention import AdditiveAttention, build_attention, tanh
 from captioner.models.decoder import StepDecoder
 from captioner.models.fusion import CoAttention, GatedFusion, VisualSentinel
 
@@ -183,6 +183,9 @@ class LSTMDecoder(StepDecoder):
         bias = self.lstm.bias_ih + self.lstm.bias_hh
         emb = self.embedding(tokens.index_select(0, order).t())  # (T, N, E) time-major
         gates_in = torch.addmm(bias, emb.reshape(T * N, E), w_emb.t()).view(T, N, 4 * H)
+        # one unbind, not T indexings: each of those would scatter its gradient into a zero-filled
+        # (T, N, 4H) buffer in backward
+        gates_in = gates_in.unbind(0)  # T x (N, 4H)
 
         # Additive attention: everything read from h (recurrent gates, context gate, attention
         # query) in one matmul per step, forward and backward, instead of three.
@@ -192,23 +195,33 @@ class LSTMDecoder(StepDecoder):
             w_h = torch.cat([w_hh, self.f_beta.weight, att.query_proj.weight])  # (4H+C+A, H)
             b_h = torch.cat([torch.zeros_like(bias), self.f_beta.bias, att.query_proj.bias])
             splits = [4 * H, self.f_beta.out_features, att.query_proj.out_features]
+        if torch.is_autocast_enabled(dev.type):
+            # autocast casts only leaf weights once; these step-invariant operands are not
+            # leaves, so cast them here once instead of at every step
+            low = torch.get_autocast_dtype(dev.type)
+            w_ctx, regions, prepared = w_ctx.to(low), regions.to(low), prepared.to(low)
+            if fused:
+                w_h, b_h = w_h.to(low), b_h.to(low)
 
         outs, attns = [], []
         for t, n in enumerate(counts):
             if n == 0:
                 break
-            h, c = h[:n], c[:n]  # rows are sorted: the active ones are a prefix
+            if n < h.size(0):  # rows are sorted: the active ones are a prefix
+                # slice the grid only when n shrinks: each slice costs a full-size zero-filled
+                # gradient in backward, once per distinct n instead of once per step
+                h, c, regions, prepared = h[:n], c[:n], regions[:n], prepared[:n]
             if fused:
                 hh, gate, q = torch.addmm(b_h, h, w_h.t()).split(splits, 1)  # (n, 4H | C | A)
-                scores = att.v(torch.tanh(q[:, None] + prepared[:n])).squeeze(2)  # (n, R)
+                scores = att.v(tanh(q[:, None] + prepared)).squeeze(2)  # (n, R)
                 attn = scores.softmax(-1)
-                context = torch.bmm(attn[:, None], regions[:n]).squeeze(1)  # (n, C)
+                context = torch.bmm(attn[:, None], regions).squeeze(1)  # (n, C)
                 context = torch.sigmoid(gate) * context
-                gates = gates_in[t, :n] + context @ w_ctx.t() + hh  # (n, 4H)
+                gates = gates_in[t][:n] + context @ w_ctx.t() + hh  # (n, 4H)
             else:
-                context, attn = att(h, regions[:n], prepared=prepared[:n])  # (n, ctx)
+                context, attn = att(h, regions, prepared=prepared)  # (n, ctx)
                 context = torch.sigmoid(self.f_beta(h)) * context
-                gates = gates_in[t, :n] + context @ w_ctx.t() + h @ w_hh.t()  # (n, 4H)
+                gates = gates_in[t][:n] + context @ w_ctx.t() + h @ w_hh.t()  # (n, 4H)
             i, f, g, o = gates.chunk(4, 1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
