@@ -209,16 +209,32 @@ def test_bad_head_count():
         build_attention("multihead", DQ, DK, 10, num_heads=3)
 
 
-def test_cpu_tanh_equals_torch_tanh_with_gradients():
-    from captioner.models.attention import tanh
+def test_additive_scores_equal_tanh_form_with_gradients():
+    from captioner.models.attention import additive_scores
 
-    x = (torch.randn(4, 49, 64, dtype=torch.float64) * 4).float().requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = tanh(x), torch.tanh(x_ref)
-    assert (y - y_ref).abs().max() < 5e-7
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    assert torch.allclose(x.grad, x_ref.grad, atol=1e-6)
-    with torch.no_grad():  # inference (beam search) path
-        assert torch.allclose(tanh(x), y_ref, atol=5e-7)
+    q = (torch.randn(4, 1, 64) * 3).requires_grad_()
+    p = (torch.randn(4, 49, 64) * 3).requires_grad_()
+    v = torch.randn(1, 64, requires_grad=True)
+    got = additive_scores(q, p, v)
+    want = (torch.tanh(q + p) @ v.t()).squeeze(-1)  # v^T tanh(q + p), (4, 49)
+    assert got.shape == want.shape == (4, 49)
+    assert torch.allclose(got, want, atol=1e-5)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, p, v), g)
+    grads_ref = torch.autograd.grad(want, (q, p, v), g)
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_additive_scores_blocked_without_autograd_equal_unblocked():
+    from captioner.models import attention
+
+    q, p, v = torch.randn(300, 1, 32), torch.randn(300, 7, 32), torch.randn(1, 32)
+    with torch.no_grad():
+        whole = attention.additive_scores(q, p, v)
+        old, attention._CHUNK_BYTES = attention._CHUNK_BYTES, 7 * 32 * 4 * 16  # 16-row blocks
+        try:
+            blocked = attention.additive_scores(q, p, v)
+        finally:
+            attention._CHUNK_BYTES = old
+    assert torch.equal(whole, blocked)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from captioner.models.attention import AdditiveAttention, build_attention, tanh
+from captioner.models.attention import AdditiveAttention, additive_scores, build_attention
 from captioner.models.decoder import StepDecoder
 from captioner.models.fusion import CoAttention, GatedFusion, VisualSentinel
 
@@ -213,7 +213,7 @@ class LSTMDecoder(StepDecoder):
                 h, c, regions, prepared = h[:n], c[:n], regions[:n], prepared[:n]
             if fused:
                 hh, gate, q = torch.addmm(b_h, h, w_h.t()).split(splits, 1)  # (n, 4H | C | A)
-                scores = att.v(tanh(q[:, None] + prepared)).squeeze(2)  # (n, R)
+                scores = additive_scores(q[:, None], prepared, att.v.weight)  # (n, R)
                 attn = scores.softmax(-1)
                 context = torch.bmm(attn[:, None], regions).squeeze(1)  # (n, C)
                 context = torch.sigmoid(gate) * context
