@@ -68,15 +68,16 @@ class LSTMDecoder(StepDecoder):
         self.fc = nn.Linear(hidden_size, vocab_size)
         # regions (queries) over the caption's embeddings (keys)
         self.coattention = CoAttention(encoder_dim, embed_dim) if "coattention" in fusions else None
+        # state entries that depend only on the image: searches keep them at one row per image
+        # while the rest has G rows per image (beams, samples; image-major), see ``_cell``.
+        # Co-attention refines the grid per caption, so there every row needs its own.
+        self.static_state_keys = ("features", "prepared") if self.coattention is None else ()
         self.sentinel = self.gate = self.gate_out = None
         if "gated" in fusions:
             self.sentinel = VisualSentinel(embed_dim + ctx_dim, hidden_size)
             self.gate = GatedFusion(hidden_size, ctx_dim, attention_dim)
             self.gate_out = nn.Linear(ctx_dim, hidden_size)  # c_hat into the hidden space
 
-    # state entries that depend only on the image, never on the step or the caption so far:
-    # beam search leaves them in place when beams are reordered within an image
-    static_state_keys = ("features", "prepared")
 
     def init_state(self, features: Tensor) -> dict:
         mean = features.mean(1)  # (B, C)
@@ -92,7 +93,14 @@ class LSTMDecoder(StepDecoder):
     def _cell(self, emb: Tensor, regions: Tensor, prepared: Tensor, state: dict):
         """One LSTM step reading ``regions`` (B, R, C) -> (h, c, output (B, H), attn)."""
         h, c = state["h"], state["c"]
-        context, attn = self.attention(h, regions, prepared=prepared)  # (B, ctx)
+        n, m = h.size(0), regions.size(0)
+        if n == m:
+            context, attn = self.attention(h, regions, prepared=prepared)  # (B, ctx)
+        else:  # G = n/m rows per image (image-major) query their image's grid together
+            context, attn = self.attention(h.view(m, n // m, -1), regions, prepared=prepared)
+            if attn.dim() == 4:  # multi-head (m, heads, G, R) -> (m, G, heads, R)
+                attn = attn.transpose(1, 2)
+            context, attn = context.reshape(n, -1), attn.reshape(n, *attn.shape[2:])
         context = torch.sigmoid(self.f_beta(h)) * context  # (B, ctx)
         x = torch.cat([emb, context], dim=1)  # (B, E + ctx)
         h_new, c_new = self.lstm(x, (h, c))

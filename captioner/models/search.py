@@ -159,7 +159,8 @@ def beam_search(
         pool_attn[ids] = pick(pool_attn, cand_attn)
         pool_score[ids] = best_score
 
-    # state entries that depend only on the image (``static_state_keys``) need no beam reorder
+    # state entries that depend only on the image (``static_state_keys``) stay at one row per
+    # image: the decoder reads them for all K beams of the image (K-fold less memory traffic)
     static = set(getattr(decoder, "static_state_keys", ())) & set(state)
 
     for t in range(max_length):
@@ -218,21 +219,18 @@ def beam_search(
         done = pool_score[img, num_return - 1] >= bound  # -inf >= -inf: nothing left alive
         if done.all():
             break
+        fixed = {key: v for key, v in state.items() if key in static}  # (N, ...) per image
+        moving = {key: v for key, v in state.items() if key not in static}  # (N*k, ...)
         if done.any():  # drop finished images from the batch
             keep = (~done).nonzero().squeeze(1)  # (N',)
             keep_rows = (keep[:, None] * K + torch.arange(K, device=dev)).view(-1)  # (N'*K,)
             img, score = img[keep], score[keep]
             a_row, hist, ahist = a_row[keep_rows], hist[keep_rows], ahist[keep_rows]
             last = last[keep_rows]
-            state = decoder.reorder_state(state, a_row)  # one gather: beam reorder + image drop
-        elif static and t > 0:
-            # beams move only within their image: per-image tensors (the grid and its key
-            # projection) are already right for every row, only the rest is reordered
-            moving = {key: v for key, v in state.items() if key not in static}
-            moving = decoder.reorder_state(moving, a_row)
-            state = {**state, **moving}
-        else:
-            state = decoder.reorder_state(state, a_row)  # first step: 1 row -> K per image
+            if fixed:
+                fixed = decoder.reorder_state(fixed, keep)
+        # one gather: beam reorder (first step: 1 row -> K per image) and image drop
+        state = {**fixed, **decoder.reorder_state(moving, a_row)}
 
     # trim to the longest returned hypothesis
     T = max(int(pool_len[:, :num_return].max()), 1)
@@ -296,7 +294,9 @@ def sample(
     state = decoder.init_state(features)
     if S > 1:  # one grid projection per image, shared by its samples
         index = torch.arange(B, device=features.device).repeat_interleave(S)
-        state = decoder.reorder_state(state, index)
+        static = set(getattr(decoder, "static_state_keys", ()))  # kept at one row per image
+        moving = {key: v for key, v in state.items() if key not in static}
+        state = {**state, **decoder.reorder_state(moving, index)}
     last = torch.full((B * S,), bos_id, dtype=torch.long, device=features.device)
     finished = torch.zeros(B * S, dtype=torch.bool, device=features.device)
     tokens, logps, masks = [], [], []
