@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from captioner.utils.io import atomic_write_bytes, atomic_write_json
 from captioner.utils.cpu import keep_freed_memory
+from captioner.utils.io import atomic_write_bytes, atomic_write_json
 
 VARIANTS = {
     "lstm_additive": ["experiment=lstm_attention"],

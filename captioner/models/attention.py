@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 _CHUNK_BYTES = 2 << 20  # blocks of the (..., R, A) hidden tensor that stay in a core's cache
 
 
