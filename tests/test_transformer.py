@@ -182,10 +182,10 @@ def test_evaluate_with_transformer_checkpoint(trained, synthetic_root, tmp_path)
 
 
 @pytest.mark.slow
-def test_compile_switch_trains_and_keeps_checkpoint_keys(train_cfg, tmp_path):
+def test_compile_switch_trains_and_keeps_checkpoint_keys(synthetic_root, tmp_path):
     """compile=true: the decoder's forward runs through torch.compile (inductor builds C++
     kernels, hence slow) and its checkpoint loads into an uncompiled model."""
-    train_run(train_cfg(*TINY_TRANSFORMER, "compile=true", "trainer.max_epochs=1", "test=false"))
+    train_run(transformer_cfg(synthetic_root, tmp_path, "compile=true", "test=false"))
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
     from captioner.checkpoint import load_checkpoint
