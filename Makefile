@@ -32,9 +32,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check captioner tests scripts
 
 bench: $(STAMP)
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py --transformer
 	$(PY) scripts/bench_metrics.py
 	$(PY) scripts/bench_decode.py
+	$(PY) scripts/bench_features.py
 
 clean:
 	rm -rf outputs multirun bench_results

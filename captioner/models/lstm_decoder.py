@@ -20,6 +20,43 @@ def parse_fusion(fusion: str, allowed: tuple[str, ...] = FUSIONS) -> set[str]:
     return set() if fusion == "none" else set(fusion.split("+"))
 
 
+class _StepLinear(torch.autograd.Function):
+    """y = x @ w.T for one recurrent step, whose weight gradient is left to ``_AllSteps``: its
+    backward only records (dL/dy, x)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, store: list) -> Tensor:
+        x = x.to(w.dtype)
+        ctx.save_for_backward(x, w)
+        ctx.store = store
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        ctx.store.append((grad, x))
+        return grad @ w, None, None
+
+
+class _AllSteps(torch.autograd.Function):
+    """Identity on a weight that every step reads through ``_StepLinear``. Autograd runs its
+    backward after all the steps' (they consume its output), and there the weight gradient of
+    all steps is one (out, P) @ (P, in) matmul instead of T rank-n updates of the whole
+    weight, each a memory-bound pass over it (16 MB a step for a 2048-channel grid)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, store: list) -> Tensor:
+        ctx.store = store
+        ctx.set_materialize_grads(False)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, _unused):
+        grads, inputs = zip(*ctx.store)
+        ctx.store.clear()
+        return torch.cat(grads).t() @ torch.cat(inputs), None
+
+
 class LSTMDecoder(StepDecoder):
     """Per step t: context = attend(h_{t-1}, regions); gate it by sigmoid(f_beta(h_{t-1}));
     h_t = LSTM([embed(y_{t-1}); gated context]); logits = fc(dropout(h_t)).
@@ -210,6 +247,10 @@ class LSTMDecoder(StepDecoder):
             w_ctx, regions, prepared = w_ctx.to(low), regions.to(low), prepared.to(low)
             if fused:
                 w_h, b_h = w_h.to(low), b_h.to(low)
+        deferred = fused and torch.is_grad_enabled()
+        if deferred:  # per-step matmuls whose weight gradients are summed once, after all steps
+            h_store, ctx_store = [], []
+            w_h, w_ctx = _AllSteps.apply(w_h, h_store), _AllSteps.apply(w_ctx, ctx_store)
 
         outs, attns = [], []
         for t, n in enumerate(counts):
@@ -220,12 +261,20 @@ class LSTMDecoder(StepDecoder):
                 # gradient in backward, once per distinct n instead of once per step
                 h, c, regions, prepared = h[:n], c[:n], regions[:n], prepared[:n]
             if fused:
-                hh, gate, q = torch.addmm(b_h, h, w_h.t()).split(splits, 1)  # (n, 4H | C | A)
+                if deferred:
+                    from_h = _StepLinear.apply(h, w_h, h_store) + b_h
+                else:
+                    from_h = torch.addmm(b_h, h, w_h.t())
+                hh, gate, q = from_h.split(splits, 1)  # (n, 4H | C | A)
                 scores = additive_scores(q[:, None], prepared, att.v.weight)  # (n, R)
                 attn = scores.softmax(-1)
                 context = torch.bmm(attn[:, None], regions).squeeze(1)  # (n, C)
                 context = torch.sigmoid(gate) * context
-                gates = gates_in[t][:n] + context @ w_ctx.t() + hh  # (n, 4H)
+                if deferred:
+                    from_ctx = _StepLinear.apply(context, w_ctx, ctx_store)
+                else:
+                    from_ctx = context @ w_ctx.t()
+                gates = gates_in[t][:n] + from_ctx + hh  # (n, 4H)
             else:
                 context, attn = att(h, regions, prepared=prepared)  # (n, ctx)
                 context = torch.sigmoid(self.f_beta(h)) * context
