@@ -5,6 +5,9 @@
     state = decoder.reorder_state(state, index)        # beams: pick (and repeat) rows of the batch
 
 ``state`` is a dict of tensors (or tuples of tensors) whose first dimension is the batch, so reordering is generic.
+Entries named in ``static_state_keys`` depend only on the image (e.g. the grid and its attention
+keys): searches keep them at one row per image while the other entries hold G rows per image
+(beams or samples, image-major), and ``step`` must accept that (G = rows / images).
 Teacher-forced training uses ``decoder(features, tokens) -> (logits (B, T, V), attn)``; tests check
 that it equals running ``step`` token by token.
 """
@@ -16,6 +19,7 @@ from torch import Tensor, nn
 
 class StepDecoder(nn.Module):
     vocab_size: int
+    static_state_keys: tuple[str, ...] = ()  # see the module docstring
 
     def init_state(self, features: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -161,7 +161,7 @@ def beam_search(
 
     # state entries that depend only on the image (``static_state_keys``) stay at one row per
     # image: the decoder reads them for all K beams of the image (K-fold less memory traffic)
-    static = set(getattr(decoder, "static_state_keys", ())) & set(state)
+    static = set(decoder.static_state_keys) & set(state)
 
     for t in range(max_length):
         N = img.numel()
@@ -294,7 +294,7 @@ def sample(
     state = decoder.init_state(features)
     if S > 1:  # one grid projection per image, shared by its samples
         index = torch.arange(B, device=features.device).repeat_interleave(S)
-        static = set(getattr(decoder, "static_state_keys", ()))  # kept at one row per image
+        static = set(decoder.static_state_keys)  # kept at one row per image
         moving = {key: v for key, v in state.items() if key not in static}
         state = {**state, **decoder.reorder_state(moving, index)}
     last = torch.full((B * S,), bos_id, dtype=torch.long, device=features.device)
