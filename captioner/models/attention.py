@@ -45,7 +45,7 @@ def additive_scores(q: Tensor, prepared: Tensor, v: Tensor) -> Tensor:
     Computed as 2 v^T sigmoid(2q + 2 prepared) - sum(v), the same function: ATen's CPU tanh is
     about 6x slower than its sigmoid, and this form makes one pass over the hidden tensor for the
     sum and one in-place pass for the activation. Without autograd (decoding) the N rows run in
-    cache-sized blocks: beam search's (B*K, R, A) hidden tensor is hundreds of MB, and streaming
+    cache-sized blocks: beam search's (B*K, R, A) hidden tensor is over 100 MB, and streaming
     it through memory three times cost 4x the blocked version."""
     v2, v_sum = 2 * v, v.sum()
 

@@ -115,7 +115,6 @@ class LSTMDecoder(StepDecoder):
             self.gate = GatedFusion(hidden_size, ctx_dim, attention_dim)
             self.gate_out = nn.Linear(ctx_dim, hidden_size)  # c_hat into the hidden space
 
-
     def init_state(self, features: Tensor) -> dict:
         mean = features.mean(1)  # (B, C)
         state = {
