@@ -14,7 +14,7 @@ Measures, all in one process so the ratios share the machine's conditions:
   and ``transformer_step_flops``);
 - optionally (``--transformer``) the 3-layer d_model 512 Transformer decoder's step, and
   (``--compile``) torch.compile'd twins of our decoders (``train.py compile=true``);
-- batched greedy and beam-5 captions/s (``bench_decode``'s decoder and timer).
+- batched greedy and beam-5 captions/s (``bench_decode``'s decoder).
 
 Every time is the median of ``--repeats`` runs after warm-up. Writes ``bench_results/bench.json``.
 """
