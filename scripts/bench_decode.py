@@ -78,7 +78,8 @@ def main():
     feats = torch.randn(args.images, grid * grid, enc, device=device)
     n, L = args.images, args.max_length
     common = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "max_length": L}
-    slices = torch.arange(n).tensor_split(args.rounds)  # the per-image loop's share of each round
+    rounds = max(1, min(args.rounds, n))
+    slices = torch.arange(n).tensor_split(rounds)  # the per-image loop's share of each round
 
     rows = []
     for precision in args.precision:
@@ -126,7 +127,7 @@ def main():
     mean_len = float((g_tok != PAD).sum(1).float().mean())
 
     print(f"decoder: {decoder_name}  images: {n}  max_length: {L}  threads: {args.threads}")
-    print(f"device: {device}  greedy mean caption length: {mean_len:.1f}  rounds: {args.rounds}")
+    print(f"device: {device}  greedy mean caption length: {mean_len:.1f}  rounds: {rounds}")
     head = f"{'dtype':<6}{'method':<8}{'beam':>5}  {'mode':<10}{'wall s':>8}{'cpu s':>8}{'captions/s':>12}"
     print(head + "  speed-up wall (rounds' range) / cpu")
     for r in rows:
@@ -149,7 +150,7 @@ def main():
         "grid": f"{grid}x{grid}x{enc}",
         "images": n,
         "max_length": L,
-        "rounds": args.rounds,
+        "rounds": rounds,
         "threads": args.threads,
         "device": str(device),
         "torch": torch.__version__,
