@@ -86,12 +86,12 @@ def main():
         bf16 = precision == "bf16"
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             beam_search(decoder, feats[:8], beam_size=3, **common)  # warm-up
-            runs = [timed(device, greedy_search, decoder, feats, **common) for _ in slices]
+            runs = [timed(device, greedy_search, decoder, feats, **common) for _ in range(rounds)]
             g_tok = runs[0][1][0]
             rows.append({"precision": precision, "method": "greedy", "beam": 1, "mode": "batched",
                          "round_seconds": [sec for sec, _ in runs]})
             for k in args.beams:
-                batched, looped, same = [], [], 0
+                batched, looped, ratio, ratio_cpu, same = [], [], [], [], 0
                 for idx in slices:
                     sec_b, (tok_b, _, _) = timed(device, beam_search, decoder, feats, beam_size=k,
                                                  **common)  # fmt: skip
@@ -99,13 +99,12 @@ def main():
                                            **common)  # fmt: skip
                     batched.append(sec_b)
                     looped.append(sec_1)
+                    # this round's speed-up: the loop's time scaled to all n images over batched
+                    ratio.append(sec_1[0] * n / len(idx) / sec_b[0])
+                    ratio_cpu.append(sec_1[1] * n / len(idx) / sec_b[1])
                     # same algorithm, so the same captions (up to float ties of batched matmuls)
                     same += sum(torch.equal(tok_b[i, : s[0].size(1)], s[0][0])
                                 for i, s in zip(idx.tolist(), singles))  # fmt: skip
-                # per round: the loop's time scaled to all n images over the batched time
-                ratio = [(s1[0] * n / len(i)) / sb[0] for s1, sb, i in zip(looped, batched, slices)]
-                ratio_cpu = [(s1[1] * n / len(i)) / sb[1]
-                             for s1, sb, i in zip(looped, batched, slices)]  # fmt: skip
                 rows.append({"precision": precision, "method": "beam", "beam": k,
                              "mode": "batched", "round_seconds": batched})
                 rows.append({
