@@ -10,6 +10,16 @@ from captioner.data.images import build_transform, load_image
 from captioner.data.tokenizer import decode as decode_ids
 
 
+def decode_settings(*layers: dict) -> dict:
+    """Decoding settings from layers of increasing priority (a checkpoint's, then the user's),
+    where None means "not set"; ``precision`` defaults to ``auto`` (bf16 only where the hardware
+    runs it natively, ``utils.hardware``)."""
+    out = {"precision": "auto"}
+    for layer in layers:
+        out.update({k: v for k, v in (layer or {}).items() if v is not None})
+    return out
+
+
 @torch.no_grad()
 def caption_loader(model, tokenizer, loader: Iterable[dict], decode: dict) -> dict[int, str]:
     """{image_id: caption} for every image of a ``CaptionDataModule`` loader."""

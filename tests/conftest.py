@@ -65,7 +65,7 @@ def train_cfg(tmp_path, synthetic_root):
     def make(*overrides: str):
         return compose_config("train", [
             f"data.root={synthetic_root}", *TINY_DATA, *TINY_MODEL, "trainer.accelerator=cpu",
-            "trainer.max_epochs=1", "~logger", *overrides,
+            "trainer.max_epochs=1", "~logger", f"threads={torch.get_num_threads()}", *overrides,
         ], tmp_path)
 
     return make

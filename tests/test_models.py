@@ -104,4 +104,4 @@ def test_bf16_decoding_keeps_float_outputs_and_autocast_state(method):
                                atol=2e-2, rtol=0)  # a distribution per generated token
     assert not torch.is_autocast_enabled("cpu")  # scoped to the call
     with pytest.raises(ValueError, match="decode.precision"):
-        model.generate(images, precision="fp16")
+        model.generate(images, precision="int8")

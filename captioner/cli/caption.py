@@ -30,8 +30,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="checkpoint (default: best of the newest run under outputs/train)")
     p.add_argument("--beam-size", type=int, default=None, help="1 = greedy (default: checkpoint's)")
     p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="bf16: bfloat16 autocast, about 2x faster on CPUs with bf16 units")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="default: the checkpoint's, else auto (bf16 only where the hardware "
+                        "runs it natively)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the usable cores less those busy elsewhere)")
     p.add_argument("--attention", type=Path, default=None,
                    help="write a picture of the attention per word (one image only)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -42,11 +45,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from captioner.checkpoint import load_checkpoint
     from captioner.data.images import ImageLoadError
-    from captioner.inference import caption_files
+    from captioner.inference import caption_files, decode_settings
     from captioner.utils.cpu import keep_freed_memory
     from captioner.utils.errors import InputError
+    from captioner.utils.hardware import set_threads
 
     keep_freed_memory()
+    set_threads(args.threads)
 
     try:
         for path in args.images:
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
                 raise ImageLoadError(f"{p}: image file not found")
         ckpt = args.checkpoint or newest_checkpoint()
         model, tokenizer, payload = load_checkpoint(ckpt)
-        decode = dict(payload["decode"])
+        decode = decode_settings(payload["decode"])
         if args.beam_size is not None:
             decode.update(method="greedy" if args.beam_size == 1 else "beam", beam_size=args.beam_size)
         if args.max_length is not None:

@@ -32,12 +32,17 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     from hydra.utils import instantiate
 
     from captioner.checkpoint import load_checkpoint
-    from captioner.inference import caption_loader
+    from captioner.inference import caption_loader, decode_settings
     from captioner.metrics.coco_eval import evaluate_captions
+    from captioner.utils.hardware import auto_precision, set_threads
     from captioner.utils.io import atomic_write_json
 
+    _, threads_reason = set_threads(cfg.get("threads"))
+    log.info("threads: %s", threads_reason)
     model, tokenizer, payload = load_checkpoint(cfg.ckpt_path)
-    decode = {**payload["decode"], **{k: v for k, v in OmegaConf.to_container(cfg.decode).items() if v is not None}}
+    decode = decode_settings(payload["decode"], OmegaConf.to_container(cfg.decode))
+    if decode["precision"] == "auto":
+        log.info("precision: %s", auto_precision("cpu").reason)  # the model is loaded on the CPU
     datamodule = instantiate(cfg.data, image_size=payload["image_size"], eval_batch_size=cfg.batch_size)
     datamodule.prepare_data()
     datamodule.set_tokenizer(tokenizer)

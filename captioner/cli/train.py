@@ -48,8 +48,13 @@ def run(cfg: DictConfig) -> dict:
     from captioner.training.checkpoint_io import AtomicCheckpointIO
     from captioner.training.module import CaptioningModule
     from captioner.training.resume import ExactResume
+    from captioner.utils.hardware import resolve_trainer_precision, set_threads
     from captioner.utils.io import atomic_write_json
 
+    threads, threads_reason = set_threads(cfg.get("threads"))
+    precision, precision_reason = resolve_trainer_precision(
+        cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))
+    log.info("threads: %s; precision: %s", threads_reason, precision_reason)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resume_checkpoint(cfg)
     resumed = read_checkpoint(ckpt_path)[KEY] if ckpt_path else None  # checked before any work
@@ -84,7 +89,11 @@ def run(cfg: DictConfig) -> dict:
     if not loggers:  # a learning-rate monitor has nothing to write to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                          plugins=[AtomicCheckpointIO()])
+                          plugins=[AtomicCheckpointIO()], precision=precision)
+    hardware = {"precision": precision, "precision_reason": precision_reason,
+                "threads": threads, "threads_reason": threads_reason}
+    for logger in trainer.loggers:  # what `auto` resolved to, beside the config (csv/hparams.yaml)
+        logger.log_hyperparams({"hardware": hardware})
     if trainer.is_global_zero:  # the run's vocabulary, readable without a checkpoint
         tok.save_pretrained(Path(cfg.paths.output_dir) / "tokenizer")
     if ckpt_path:

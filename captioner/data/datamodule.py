@@ -20,6 +20,7 @@ from captioner.data.folder import prepare_folder, split_by_hash
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, build_transform, load_image
 from captioner.data.tokenizer import encode, train_tokenizer
 from captioner.features.cache import FeatureCache, cached_features
+from captioner.utils.hardware import auto_workers
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()
@@ -142,7 +143,7 @@ class CaptionDataModule(L.LightningDataModule):
         image_size: int = 224,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         captions_per_image: int = 5,
         max_caption_length: int = 30,
         min_word_frequency: int = 1,
@@ -234,6 +235,13 @@ class CaptionDataModule(L.LightningDataModule):
     def references(self, split: str) -> dict[int, list[str]]:
         return {r.image_id: r.captions for r in self._records(split)}
 
+    def workers(self) -> int:
+        """Loader worker processes: ``num_workers``, or (None) the cores left beside torch's
+        compute threads, so decoding images never oversubscribes a small machine."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return auto_workers(torch.get_num_threads())
+
     def set_encoder(self, encoder) -> None:
         """The frozen encoder whose features ``cache_features`` serves."""
         self.encoder = encoder
@@ -260,7 +268,7 @@ class CaptionDataModule(L.LightningDataModule):
         return cached_features(
             encoder, self.table(split)["path"], build_transform(self.image_size), self.cache_dir,
             name=split, dtype=self.cache_dtype, batch_size=self.eval_batch_size,
-            num_workers=self.num_workers, max_pixels=self.max_pixels,
+            num_workers=self.workers(), max_pixels=self.max_pixels,
             skip_bad_images=self.skip_bad_images,
         )
 
@@ -275,7 +283,7 @@ class CaptionDataModule(L.LightningDataModule):
         # Cached features need no worker processes: a batch is one read of a memory-mapped file
         # (page cache after the first epoch), far cheaper than forking workers and shipping
         # every batch back through shared memory.
-        workers = 0 if cache is not None else self.num_workers
+        workers = 0 if cache is not None else self.workers()
         return DataLoader(
             ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
             num_workers=workers, collate_fn=PadCollate(self.tokenizer.pad_token_id),

@@ -26,10 +26,12 @@ from tqdm.auto import tqdm
 
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from captioner.models.encoder import inference_copy
+from captioner.utils.hardware import resolve_decode_precision
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 
 
 def _weights_hash(encoder: torch.nn.Module) -> str:
@@ -40,7 +42,8 @@ def _weights_hash(encoder: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(encoder: torch.nn.Module, transform, paths: list[str], dtype: str = "float32") -> tuple[str, dict]:
+def cache_key(encoder: torch.nn.Module, transform, paths: list[str], dtype: str = "float32",
+              precision: str = "fp32") -> tuple[str, dict]:
     """(hex key, the plain-data description it hashes)."""
     identity = encoder.identity() if hasattr(encoder, "identity") else {"class": type(encoder).__name__}
     files = []
@@ -56,6 +59,7 @@ def cache_key(encoder: torch.nn.Module, transform, paths: list[str], dtype: str 
         "weights_sha256": _weights_hash(encoder),
         "transform": repr(transform),
         "dtype": dtype,
+        "precision": precision,  # the autocast the features were computed in
         "images_sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
         "num_images": len(paths),
     }
@@ -140,7 +144,8 @@ def _checked(fast, encoder, images, tol: float = 1e-3):
 
 @torch.inference_mode()
 def _extract(encoder, paths, transform, out: Path, dtype: str, batch_size: int,
-             num_workers: int, max_pixels: int, skip_bad_images: bool, desc: str) -> None:
+             num_workers: int, max_pixels: int, skip_bad_images: bool, desc: str,
+             precision: str = "fp32") -> None:
     loader = DataLoader(_Images(paths, transform, max_pixels), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
     device = next(encoder.parameters()).device
@@ -156,7 +161,10 @@ def _extract(encoder, paths, transform, out: Path, dtype: str, batch_size: int,
             images = images.to(device)
             if fast is not encoder and features is None:  # first batch: is the copy the same?
                 fast = _checked(fast, encoder, images[:4])
-            f = fast(images.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()  # (b, R, C)
+            with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.bfloat16),
+                                enabled=precision in AUTOCAST):
+                f = fast(images.contiguous(memory_format=torch.channels_last))
+            f = f.float().cpu().numpy()  # (b, R, C)
             if features is None:
                 features = np.lib.format.open_memmap(
                     out / "features.npy", mode="w+", dtype=DTYPES[dtype],
@@ -184,14 +192,18 @@ def cached_features(
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     skip_bad_images: bool = False,
+    precision: str = "auto",
 ) -> FeatureCache:
     """The cache entry for (encoder, transform, paths), extracting it first if needed.
 
     ``encoder`` maps transformed images (B, 3, S, S) to (B, R, C); it runs in eval mode without
-    gradients on its own device. ``name`` only makes the folder readable (e.g. the split)."""
+    gradients on its own device, under ``precision`` (``auto``: bf16 autocast only where the
+    hardware runs it natively). ``name`` only makes the folder readable (e.g. the split)."""
     if dtype not in DTYPES:
         raise ValueError(f"data.cache_dtype={dtype!r}: one of {sorted(DTYPES)}")
-    key, desc = cache_key(encoder, transform, paths, dtype)
+    device = next(encoder.parameters()).device
+    precision = resolve_decode_precision(precision, device.type) or "fp32"
+    key, desc = cache_key(encoder, transform, paths, dtype, precision)
     root = Path(cache_dir)
     folder = root / f"{name}-{key[:16]}"
     if (folder / "meta.json").is_file():
@@ -202,7 +214,7 @@ def cached_features(
     try:
         encoder.eval()
         _extract(encoder, paths, transform, tmp, dtype, batch_size, num_workers, max_pixels,
-                 skip_bad_images, desc=f"caching {name} features")
+                 skip_bad_images, desc=f"caching {name} features", precision=precision)
         shape = list(np.load(tmp / "features.npy", mmap_mode="r").shape)
         (tmp / "meta.json").write_text(json.dumps({**desc, "key": key, "shape": shape}, indent=2))
         for f in tmp.iterdir():  # on disk before the rename makes the entry visible

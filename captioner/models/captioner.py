@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from captioner.models.search import generate
+from captioner.utils.hardware import DECODE_PRECISIONS, resolve_decode_precision
 
 
 class Captioner(nn.Module):
@@ -40,17 +41,19 @@ class Captioner(nn.Module):
                  precision: str | None = None, **decode):
         """Token ids (B, L) (no BOS, EOS kept, pad after) and attention (B, L, R).
 
-        ``precision="bf16"`` runs encoder and search under bfloat16 autocast (about twice the
-        matmul rate of a CPU with bf16 units; scores are still accumulated in float32), ``"fp32"``
-        in float32 even inside an autocast region, ``None`` as the caller runs (e.g. under
-        Lightning's ``trainer.precision``)."""
-        if precision not in (None, "fp32", "bf16"):
-            raise ValueError(f"decode.precision={precision!r}: fp32 or bf16")
+        ``precision``: ``"auto"`` the fast one for this device (``utils.hardware``: bf16 only
+        where it is native), ``"bf16"`` / ``"fp16"`` encoder and search under that autocast
+        (scores are still accumulated in float32), ``"fp32"`` float32 even inside an autocast
+        region, ``None`` as the caller runs (e.g. under Lightning's ``trainer.precision``)."""
+        if precision not in (None, *DECODE_PRECISIONS):
+            raise ValueError(f"decode.precision={precision!r}: one of {list(DECODE_PRECISIONS)} or null")
         device = (images if features is None else features).device
+        precision = resolve_decode_precision(precision, device.type)
         if precision is None:
             scope = nullcontext()
         else:
-            scope = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+            dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+            scope = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
         with scope:
             if features is None:
                 features = self.encode(images)
