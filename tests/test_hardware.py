@@ -95,18 +95,13 @@ def test_micro_benchmark_is_sub_second():
 def test_no_config_hard_codes_a_low_precision():
     """Every trainer precision and decode precision in configs/ is auto (or left to the
     checkpoint): a preset tuned on a bf16 machine would crawl on one without."""
-    found = []
-    for path in CONFIGS.rglob("*.yaml"):
-        text = yaml.safe_load(path.read_text()) or {}
+    def walk(node, key=""):  # -> [(dotted key, value)] of every *precision leaf
+        if isinstance(node, dict):
+            return [kv for k, v in node.items() for kv in walk(v, f"{key}.{k}" if key else str(k))]
+        return [(key, node)] if key.endswith("precision") else []
 
-        def walk(node, key=""):
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    walk(v, f"{key}.{k}" if key else str(k))
-            elif key.endswith("precision"):
-                found.append((path.name, key, node))
-
-        walk(text)
+    found = [(path.name, k, v) for path in CONFIGS.rglob("*.yaml")
+             for k, v in walk(yaml.safe_load(path.read_text()) or {})]
     assert found, "no precision key found: the test reads the wrong folder"
     bad = [(f, k, v) for f, k, v in found if v not in ("auto", None)]
     assert not bad, bad
