@@ -42,6 +42,7 @@ from bench_decode import BOS, EOS, PAD, build_decoder  # noqa: E402
 from captioner.models.lstm_decoder import LSTMDecoder  # noqa: E402
 from captioner.models.search import beam_search, greedy_search  # noqa: E402
 from captioner.utils.cpu import keep_freed_memory  # noqa: E402
+from captioner.utils.hardware import benchmark_precisions, machine_info, machine_line  # noqa: E402
 
 BATCH, GRID, ENC, DIM, VOCAB = 64, 7, 512, 512, 5000
 
@@ -154,7 +155,7 @@ def transformer_step_flops(words: torch.Tensor, layers: int = 3, ff: int = 1024)
     return 3 * (positions * per_pos + causal * layers * 4 * d + BATCH * per_img)
 
 
-def train_steps(device, repeats, transformer=False, compile_=False):
+def train_steps(device, repeats, transformer=False, compile_=False, precisions=("fp32",)):
     feats, caps, lengths = make_batch(device)
     words = lengths - 2
     flops = lstm_step_flops(words.cpu())
@@ -186,7 +187,7 @@ def train_steps(device, repeats, transformer=False, compile_=False):
             models[name.split(" ")[0] + " compiled"] = (twin, teacher_forced_loss)
 
     rows = []
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         for name, (model, loss_fn) in models.items():
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
             ctx = (
@@ -242,17 +243,21 @@ def main():
     p.add_argument("--compile", action="store_true",
                    help="also torch.compile'd twins of our decoders (train.py compile=true); "
                         "each compiles for a minute or two")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=None,
+                   help="default: fp32, plus bf16 where the CPU runs it natively")
     p.add_argument("--out", default="bench_results/bench.json")
     args = p.parse_args()
+    precisions = benchmark_precisions(args.precision)
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as train.py / evaluate.py do
     device = torch.device(args.device)
+    info = machine_info()
+    print(machine_line(info), flush=True)
 
-    gflops = {
-        "fp32": matmul_gflops(device, torch.float32, args.repeats),
-        "bf16": matmul_gflops(device, torch.bfloat16, args.repeats),
-    }
-    train, flops, mean_words = train_steps(device, args.repeats, args.transformer, args.compile)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    gflops = {p: matmul_gflops(device, dtypes[p], args.repeats) for p in precisions}
+    train, flops, mean_words = train_steps(device, args.repeats, args.transformer, args.compile,
+                                           precisions)
     for r in train:  # each model against its own useful FLOPs
         useful = r["useful_gflop"] * 1e9
         r["fraction_of_bound"] = useful / r["seconds"] / (gflops[r["precision"]] * 1e9)
@@ -262,8 +267,8 @@ def main():
         r["speedup_vs_tutorial"] = base[r["precision"]] / r["seconds"]
     dec, dec_name = decode_rows(device, max(3, args.repeats // 2), args.decode_images)
 
-    print(f"{date.today()}  device {device}  threads {args.threads}  torch {torch.__version__}")
-    print(f"matmul 2048^3: fp32 {gflops['fp32']:.0f} GFLOP/s, bf16 {gflops['bf16']:.0f} GFLOP/s")
+    print(f"{date.today()}  device {device}  threads {args.threads}")
+    print("matmul 2048^3: " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in gflops.items()))
     print(f"training step: batch {BATCH}, mean {mean_words:.1f} words, useful GFLOP per step "
           f"(fwd+bwd): " + ", ".join(sorted({f"{r['model']} {r['useful_gflop']:.1f}" for r in train})))
     print(f"{'model':<22}{'prec':<6}{'ms/step':>9}{'images/s':>10}{'vs tut.':>9}"
@@ -280,7 +285,7 @@ def main():
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": str(date.today()), "device": str(device), "threads": args.threads,
+    meta = {"date": str(date.today()), "device": str(device), "threads": args.threads, **info,
             "torch": torch.__version__, "machine": platform.machine(),
             "processor": platform.processor(), "repeats": args.repeats, "batch": BATCH,
             "vocab": VOCAB, "dim": DIM, "grid": f"{GRID}x{GRID}x{ENC}",

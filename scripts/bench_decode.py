@@ -31,6 +31,7 @@ import torch
 from captioner.models.lstm_decoder import LSTMDecoder
 from captioner.models.search import beam_search, greedy_search
 from captioner.utils.cpu import keep_freed_memory
+from captioner.utils.hardware import benchmark_precisions, machine_info, machine_line
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -61,8 +62,9 @@ def main():
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
-                   help="bf16: the same search under bfloat16 autocast (decode.precision=bf16)")
+    p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
+                   help="bf16: the same search under bfloat16 autocast (decode.precision=bf16); "
+                        "default: fp32, plus bf16 where the CPU runs it natively")
     p.add_argument("--rounds", type=int, default=4,
                    help="interleaved (batched, per-image slice) pairs per setting")
     p.add_argument("--out", default="bench_results/decode.json")
@@ -70,6 +72,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as train.py / evaluate.py do
+    info = machine_info()
+    print(machine_line(info), flush=True)
     torch.manual_seed(0)
     device = torch.device(args.device)
     vocab, grid, enc, dim = 5000, 7, 512, 512
@@ -82,7 +86,7 @@ def main():
     slices = torch.arange(n).tensor_split(rounds)  # the per-image loop's share of each round
 
     rows = []
-    for precision in args.precision:
+    for precision in benchmark_precisions(args.precision):
         bf16 = precision == "bf16"
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             beam_search(decoder, feats[:8], beam_size=3, **common)  # warm-up
@@ -143,6 +147,7 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
+        **info,
         "decoder": decoder_name,
         "vocab": vocab,
         "embed_hidden_attention": dim,

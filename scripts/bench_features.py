@@ -44,6 +44,7 @@ from captioner.features.cache import cached_features
 from captioner.models.encoder import CNNEncoder, EfficientNetLiteEncoder
 from captioner.models.lstm_decoder import LSTMDecoder
 from captioner.utils.cpu import keep_freed_memory
+from captioner.utils.hardware import machine_info, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "coco-mini"
@@ -143,6 +144,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as train.py / evaluate.py do
     torch.manual_seed(0)
+    info = machine_info()
+    print(machine_line(info), flush=True)
+    if args.precision == "bf16" and not info["native_bf16"]:
+        print("warning: this CPU emulates bf16; the bf16 numbers measure the emulation", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         dm = make_datamodule(args.data, Path(tmp), args.workers, args.num_images,
@@ -160,7 +165,7 @@ def main() -> None:
         t0 = time.perf_counter()
         cache = cached_features(encoder, dm.table("train")["path"], build_transform(dm.image_size),
                                 dm.cache_dir, name="train", batch_size=dm.eval_batch_size,
-                                num_workers=args.workers)
+                                num_workers=args.workers, precision=args.precision)
         extract_s = time.perf_counter() - t0
         diff = max_feature_diff(cache, dm, encoder)
 
@@ -200,7 +205,7 @@ def main() -> None:
         "max_abs_diff_vs_forward": diff,
         "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpus": os.cpu_count(), "torch": torch.__version__,
+        "cpus": os.cpu_count(), **info,
     }
     print("| data | images | encoder | captions/image | decoder | batch | precision | threads | extract once (s) | epoch from images (s) "
           "| epoch from cache (s) | speed-up | grids only: images (s) | grids only: cache (s) "

@@ -231,3 +231,31 @@ def set_threads(threads: int | str | None = None) -> tuple[int, str]:
     except RuntimeError:
         pass
     return threads, reason
+
+
+# ---- what benchmarks report ---------------------------------------------------------------------
+def machine_info() -> dict:
+    """The facts every published number needs beside it: CPU model, vector extensions, whether
+    bf16 is native, cores and torch."""
+    flags = cpu_flags()
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "avx2": "avx2" in flags, "avx512": any(f.startswith("avx512") for f in flags),
+            "native_bf16": cpu_has_native_bf16(), "usable_cores": usable_cores(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def machine_line(info: dict | None = None) -> str:
+    info = info or machine_info()
+    ext = "AVX-512" if info["avx512"] else ("AVX2" if info["avx2"] else info["cpu_capability"])
+    bf16 = "native bf16" if info["native_bf16"] else "no native bf16 (emulated)"
+    return (f"CPU {info['cpu']} ({ext}, {bf16}), {info['usable_cores']} cores, "
+            f"torch {info['torch']}" + (f", GPU {info['gpu']}" if info["gpu"] else ""))
+
+
+def benchmark_precisions(requested: list[str] | None = None) -> list[str]:
+    """The precisions a benchmark times: as requested, else fp32 plus bf16 where it is native
+    (an emulated bf16 row would only measure the emulation)."""
+    if requested:
+        return list(requested)
+    return ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
