@@ -108,7 +108,7 @@ def test_no_config_hard_codes_a_low_precision():
 
 
 def test_composed_presets_default_to_auto(tmp_path):
-    from conftest import compose_config
+    from tests.conftest import compose_config
 
     presets = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
     assert "demo" in presets and "rsicd" in presets
