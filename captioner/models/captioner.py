@@ -57,6 +57,8 @@ class Captioner(nn.Module):
         with scope:
             if features is None:
                 features = self.encode(images)
+            if precision == "fp32":  # e.g. grids encoded under a caller's bf16 autocast
+                features = features.float()
             tokens, attn = generate(
                 self.decoder, features, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
                 **decode,
