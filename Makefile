@@ -29,13 +29,13 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check captioner tests scripts
+	$(PY) -m ruff check captioner tests scripts benchmarks
 
 bench: $(STAMP)
-	$(PY) scripts/bench.py --transformer
-	$(PY) scripts/bench_metrics.py
-	$(PY) scripts/bench_decode.py
-	$(PY) scripts/bench_features.py
+	$(PY) benchmarks/bench.py --transformer
+	$(PY) benchmarks/bench_metrics.py
+	$(PY) benchmarks/bench_decode.py
+	$(PY) benchmarks/bench_features.py
 
 clean:
 	rm -rf outputs multirun bench_results

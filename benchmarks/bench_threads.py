@@ -1,6 +1,6 @@
 """Threads on a quiet and on a busy machine: what ``threads=auto`` must choose.
 
-    python scripts/bench_threads.py [--steps 6] [--rounds 3]
+    python benchmarks/bench_threads.py [--steps 6] [--rounds 3]
 
 Times the training step of the Flickr8k/RSICD recipe (cached 7x7x1280 EfficientNet-Lite0 grids,
 attention LSTM, batch 32 images x 5 captions) with 1 and 2 torch threads, first on the quiet
@@ -96,7 +96,7 @@ def main() -> None:
         rows.append({"state": state, "threads": t, "steps_per_s": statistics.median(r),
                      "min": min(r), "max": max(r)})
         print(f"{state:<8}{t:>8}{statistics.median(r):>10.2f}  {min(r):.2f}-{max(r):.2f}")
-    for state, (threads, reason) in auto.items():
+    for state, (_, reason) in auto.items():
         print(f"threads=auto on the {state} machine: {reason}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

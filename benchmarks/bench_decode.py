@@ -1,6 +1,6 @@
 """Decoding throughput: batched beam search vs one image at a time, plus batched greedy.
 
-    python scripts/bench_decode.py [--images 256] [--beams 3 5] [--threads 2] [--device cpu]
+    python benchmarks/bench_decode.py [--images 256] [--beams 3 5] [--threads 2] [--device cpu]
                                    [--precision fp32 bf16] [--rounds 4]
 
 Uses the project's Show-Attend-Tell ``LSTMDecoder`` (embed 512, hidden 512, attention 512,

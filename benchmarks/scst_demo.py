@@ -1,8 +1,8 @@
 """Cross-entropy training, then self-critical training (experiment=scst_demo) on the embedded
 data; prints validation CIDEr-D of both stages' best checkpoints, decoded the same way.
 
-    python scripts/scst_demo.py [--ce-epochs 6] [--scst-epochs 3] [--num-train 1000]
-    python scripts/scst_demo.py --bench-precision   # fp32 vs bf16-mixed training speed
+    python benchmarks/scst_demo.py [--ce-epochs 6] [--scst-epochs 3] [--num-train 1000]
+    python benchmarks/scst_demo.py --bench-precision   # fp32 vs bf16-mixed training speed
 
 A reduced training split (``--num-train``) keeps it to minutes on a laptop CPU.
 """

@@ -1,6 +1,6 @@
 """Train each decoder variant for the same number of epochs on the embedded set and compare.
 
-    python scripts/compare_decoders.py [--epochs 2] [--variants lstm_additive transformer]
+    python benchmarks/compare_decoders.py [--epochs 2] [--variants lstm_additive transformer]
                                        [--threads 2] [--out DIR] [KEY=VALUE ...]
 
 Variants (the experiment presets, demo-sized: ResNet-18 cut after layer3, 64x64 images):

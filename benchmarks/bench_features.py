@@ -1,15 +1,15 @@
 """Training epoch time from cached encoder features vs from raw images, same data and decoder.
 
-    python scripts/bench_features.py [--data rsicd|coco_mini|synthetic] [--epochs 3] [--threads 2]
+    python benchmarks/bench_features.py [--data flickr8k|rsicd|synthetic] [--epochs 3] [--threads 2]
                                      [--decoder demo|sat] [--num-images 640] [--captions-per-image 5]
                                      [--batch-size 16] [--precision fp32|bf16] [--encoder NAME]
 
-``rsicd``: the first ``--num-images`` RSICD training photographs (224x224 JPEGs).
+``flickr8k`` / ``rsicd``: the first ``--num-images`` training photographs (224x224 JPEGs).
 ``--captions-per-image``: how many of each image's captions one epoch trains (5: all, one image
 read per 5 captions; 1: one random caption per image per epoch, the cheapest decoder epoch).
 
 Frozen pretrained EfficientNet-Lite0 (224 px, 7x7x1280 grid) + the project's attention LSTM
-(``demo``: embed 128, hidden 256, attention 128, the coco_mini preset's size; ``sat``: 256/512/256).
+(``demo``: embed 128, hidden 256, attention 128, the demo preset's size; ``sat``: 256/512/256).
 One training epoch = every training image once in batches of ``--batch-size`` (``--precision bf16``:
 encoder and decoder forward under bf16 autocast, as ``trainer.precision=bf16-mixed`` runs them): raw path = JPEG decode + resize
 in ``--workers`` loader processes, encoder forward (frozen, no gradients), teacher-forced loss,
@@ -47,24 +47,18 @@ from captioner.utils.cpu import keep_freed_memory
 from captioner.utils.hardware import machine_info, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "coco-mini"
-RSICD = ROOT.parent / "shared" / "data" / "rsicd"
+SHARED = ROOT.parent / "shared" / "data"
 
 
 def make_datamodule(kind: str, tmp: Path, workers: int, num_images: int, k: int,
                     batch_size: int) -> CaptionDataModule:
-    if kind == "rsicd":
+    if kind in ("rsicd", "flickr8k"):  # the first N training photos of ../shared/data/<kind>
+        root = SHARED / kind
         splits = {"train": {"annotations": str(write_coco_subset(
-            RSICD / "annotations" / "captions_train.json", num_images, tmp / "rsicd_train_subset.json")),
-                            "images": str(RSICD / "images")}}
+            root / "annotations" / "captions_train.json", num_images, tmp / f"{kind}_train_subset.json")),
+                            "images": str(root / "images")}}
         dm = CaptionDataModule(splits, image_size=224, batch_size=batch_size, num_workers=workers,
                                captions_per_image=k, cache_dir=str(tmp / "cache"))
-    elif kind == "coco_mini":
-        ann, img = SHARED / "annotations", SHARED / "images"
-        splits = {"train": {"annotations": str(ann / "captions_train2017.json"),
-                            "images": str(img / "train2017")}}
-        dm = CaptionDataModule(splits, image_size=224, batch_size=batch_size, num_workers=workers,
-                               captions_per_image=k, min_word_frequency=2, cache_dir=str(tmp / "cache"))
     else:
         from captioner.data.synthetic import generate
 
@@ -124,10 +118,11 @@ def input_epoch(loader, encoder, bf16: bool) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=["rsicd", "coco_mini", "synthetic"],
-                   default="coco_mini" if SHARED.is_dir() else "synthetic")
+    p.add_argument("--data", choices=["flickr8k", "rsicd", "synthetic"],
+                   default="flickr8k" if (SHARED / "flickr8k").is_dir() else "synthetic")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--num-images", type=int, default=640, help="rsicd: the first N training images")
+    p.add_argument("--num-images", type=int, default=640,
+                   help="flickr8k / rsicd: the first N training images")
     p.add_argument("--captions-per-image", type=int, default=5,
                    help="captions trained per image and epoch (data.captions_per_image)")
     p.add_argument("--threads", type=int, default=2)

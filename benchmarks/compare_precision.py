@@ -1,6 +1,6 @@
 """Does bf16 autocast change what the model learns? fp32 vs bf16-mixed on the embedded data.
 
-    python scripts/compare_precision.py [--seeds 1 2] [--epochs 5] [train.py overrides ...]
+    python benchmarks/compare_precision.py [--seeds 1 2] [--epochs 5] [train.py overrides ...]
 
 Trains the demo recipe (``experiment=demo``: ResNet-18 to layer3 from scratch + attention LSTM,
 4,000 embedded training images) once per precision and seed, with ``test=false``, and reports per

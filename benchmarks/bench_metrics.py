@@ -5,7 +5,7 @@
 realistic size, 8-20 tokens), median of a few timed repeats after a warm-up.  Prints a table
 and writes ``bench_results/metrics.json``; exits non-zero if the values differ by > 1e-6.
 
-    python scripts/bench_metrics.py [--images 5000] [--refs 5] [--repeats 3]
+    python benchmarks/bench_metrics.py [--images 5000] [--refs 5] [--repeats 3]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Feature-cache extraction throughput: where the time goes and what each change buys.
 
-    python scripts/bench_extract.py [--images 256] [--rounds 3] [--data flickr8k|rsicd|synthetic]
+    python benchmarks/bench_extract.py [--images 256] [--rounds 3] [--data flickr8k|rsicd|synthetic]
 
 Extracts EfficientNet-Lite0 grids (224 px, JPEG decoding included) from the same real photos
 with several pipelines, interleaved round by round so that each ratio compares runs made under
