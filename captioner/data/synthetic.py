@@ -21,17 +21,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioner.utils.cpu import usable_cores
+
 GENERATOR_VERSION = 1
+_PARALLEL_MIN_IMAGES = 512  # below this, starting worker processes costs more than it saves
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 PLURALS: dict[str, str] = {
@@ -410,17 +415,33 @@ def make_example(seed: int, split: str, index: int, image_size: int = 64, max_ob
     return scene, render(scene, noise_seed), captions
 
 
+def _write_example(job: tuple) -> list[str]:
+    """Render image ``index`` of ``split`` to its PNG; returns its captions (a worker's task)."""
+    out, split, index, params = job
+    _, img, captions = make_example(params["seed"], split, index, params["image_size"],
+                                    params["max_objects"], params["captions_per_image"])
+    img.save(out / "images" / f"{split}/{index + 1:06d}.png", format="PNG", compress_level=1)
+    return captions
+
+
 def _write_split(out: Path, split: str, count: int, params: dict) -> None:
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     size = params["image_size"]
     cpi = params["captions_per_image"]
+    jobs = [(out, split, i, params) for i in range(count)]
+    # Every image has its own random stream (split_rng), so worker processes write exactly the
+    # images one process would: rendering is CPU-bound PIL work, one core per process.
+    workers = min(usable_cores(), 8) if count >= _PARALLEL_MIN_IMAGES else 1
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            all_captions = list(pool.map(_write_example, jobs, chunksize=64))
+    else:
+        all_captions = [_write_example(job) for job in jobs]
     images, annotations = [], []
-    for i in range(count):
-        _, img, captions = make_example(params["seed"], split, i, size, params["max_objects"], cpi)
+    for i, captions in enumerate(all_captions):
         image_id = _ID_OFFSETS[split] + i + 1
         file_name = f"{split}/{i + 1:06d}.png"
-        img.save(out / "images" / file_name, format="PNG", compress_level=1)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         for k, c in enumerate(captions):
             annotations.append({"id": image_id * cpi + k, "image_id": image_id, "caption": c})

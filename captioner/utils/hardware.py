@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from captioner.utils.cpu import usable_cores
+
 log = logging.getLogger(__name__)
 
 # Lightning's precision strings, plus "auto"
@@ -158,14 +160,6 @@ def resolve_decode_precision(precision, device_type: str) -> str | None:
 
 
 # ---- threads ------------------------------------------------------------------------------------
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def _cpu_times() -> dict[str, tuple[int, int]]:
     """{cpuN: (busy, total)} jiffies from /proc/stat."""
     out = {}
