@@ -12,8 +12,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.utils.config_schema import EVALUATE, check_config
 from captioner.utils.cpu import keep_freed_memory
-from captioner.utils.hydra import CONFIG_DIR, exit_on_bad_input, register_resolvers
+from captioner.utils.hydra import (
+    CONFIG_DIR,
+    exit_2_on_config_errors,
+    exit_on_bad_input,
+    register_resolvers,
+)
 
 log = logging.getLogger("captioner.evaluate")
 register_resolvers()
@@ -36,6 +42,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     from captioner.metrics.coco_eval import evaluate_captions
     from captioner.utils.io import atomic_write_json
 
+    check_config(cfg, EVALUATE)
     model, tokenizer, payload = load_checkpoint(cfg.ckpt_path)
     decode = {**payload["decode"], **{k: v for k, v in OmegaConf.to_container(cfg.decode).items() if v is not None}}
     datamodule = instantiate(cfg.data, image_size=payload["image_size"], eval_batch_size=cfg.batch_size)
@@ -67,6 +74,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     return report.metrics
 
 
+@exit_2_on_config_errors
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
