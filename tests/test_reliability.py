@@ -282,7 +282,7 @@ def tampered(src: Path, dst: Path, edit) -> Path:
     (lambda src, p: tampered(src, p, lambda c: c[KEY]["model_config"].update(vocab_size=7)),
      r"weights do not fit the model config: shapes differ"),
     (lambda src, p: tampered(src, p, lambda c: c[KEY]["model_config"].update(_target_="os.system")),
-     "foreign class"),
+     "is not one of"),
     (lambda src, p: p.mkdir() or p, "is a directory"),
     (lambda src, p: p, "checkpoint not found"),
 ])
