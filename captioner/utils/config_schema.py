@@ -89,7 +89,6 @@ TRAIN = {
     "optimizer.lr": number(above=0),
     "optimizer.weight_decay": number(low=0),
     "loss.label_smoothing": number(low=0, below=1),
-    "callbacks.last_checkpoint.every_n_train_steps": integer(0, null=True),
     **decode_rules("decode"),
     **decode_rules("val_decode"),
 }
