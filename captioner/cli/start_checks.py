@@ -41,12 +41,13 @@ def resume_checkpoint_path(cfg: DictConfig, run_dir: Path | None = None) -> Path
     return run / LAST_CHECKPOINT
 
 
-def check_resume(cfg: DictConfig, run_dir: Path | None = None) -> Path | None:
-    """The checkpoint a training config resumes, checked to be readable and saved for the same
-    model config (given the checkpoint's vocabulary); None without ``ckpt_path``."""
+def check_resume(cfg: DictConfig, run_dir: Path | None = None) -> tuple[Path | None, dict | None]:
+    """(checkpoint, its captioner payload) that a training config resumes, checked to be
+    readable and saved for the same model config (given the checkpoint's vocabulary);
+    (None, None) without ``ckpt_path``."""
     path = resume_checkpoint_path(cfg, run_dir)
     if path is None:
-        return None
+        return None, None
     from captioner.checkpoint import KEY, check_same_model_config, model_config_for, read_checkpoint
     from captioner.data.tokenizer import tokenizer_from_json
 
@@ -54,16 +55,19 @@ def check_resume(cfg: DictConfig, run_dir: Path | None = None) -> Path | None:
     wanted = model_config_for(OmegaConf.to_container(cfg.model, resolve=True),
                               tokenizer_from_json(payload["tokenizer"]))
     check_same_model_config(path, payload["model_config"], wanted)
-    return path
+    return path, payload
 
 
 class StartChecks(Callback):
+    """Registered in ``configs/hydra/default.yaml``; errors exit 2 with one line, as in the task."""
+
     def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs) -> None:
         HydraConfig.instance().set_config(config)  # ${hydra:...} in the checked keys
         with exit_on_bad_input(None):
             check_config(config, RULES.get(config_name or "", {}))
-            if config_name == "train" and check_resume(config) is not None:
+            if config_name == "train" and check_resume(config)[0] is not None:
                 run = Path(OmegaConf.select(config, "hydra.run.dir"))
                 if (run / ".hydra" / "config.yaml").is_file():
                     with read_write(config.hydra), open_dict(config.hydra):
-                        config.hydra.output_subdir = f".hydra/resume-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+                        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+                        config.hydra.output_subdir = f".hydra/resume-{stamp}"

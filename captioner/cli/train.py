@@ -33,16 +33,15 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     from hydra.utils import instantiate
 
-    from captioner.checkpoint import KEY, build_model, model_config_for, read_checkpoint
+    from captioner.checkpoint import build_model, model_config_for
     from captioner.data.tokenizer import tokenizer_from_json
     from captioner.training.checkpoint_io import AtomicCheckpointIO
     from captioner.training.module import CaptioningModule
     from captioner.training.resume import ExactResume
     from captioner.utils.io import atomic_write_json
 
-    check_config(cfg, TRAIN)  # before any work; so is the resume's checkpoint and model config:
-    ckpt_path = check_resume(cfg, Path(cfg.paths.output_dir))
-    resumed = read_checkpoint(ckpt_path)[KEY] if ckpt_path else None
+    check_config(cfg, TRAIN)  # values, then the resumed checkpoint: before any work
+    ckpt_path, resumed = check_resume(cfg, Path(cfg.paths.output_dir))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
