@@ -43,7 +43,7 @@ def test_bad_training_values_name_the_key(tmp_path, override, key, allowed):
 
 
 @pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "trainer.precision=auto",
-                                      "+threads=4", "+threads=null", "decode.precision=auto",
+                                      "trainer.precision=32", "+threads=4", "+threads=null", "decode.precision=auto",
                                       "trainer.max_epochs=-1", "optimizer.lr=1e-3"])
 def test_good_values_pass(tmp_path, override):
     check_config(compose_config("train", [override], tmp_path), TRAIN)

@@ -81,7 +81,9 @@ TRAIN = {
     "seed": integer(),
     "trainer.max_epochs": integer(1, also=(-1,)),
     "trainer.min_epochs": integer(0, null=True),
-    "trainer.precision": one_of(*TRAINER_PRECISIONS),
+    # as text: `trainer.precision=32` reaches the config as the integer 32
+    "trainer.precision": (lambda v: isinstance(v, (str, int)) and str(v) in TRAINER_PRECISIONS,
+                          one_of(*TRAINER_PRECISIONS)[1]),
     "trainer.accumulate_grad_batches": integer(1),
     "trainer.check_val_every_n_epoch": integer(1, null=True),
     "trainer.log_every_n_steps": integer(1),
