@@ -31,19 +31,15 @@ def checkpoint_payload(model_config: dict, tokenizer, decode: dict, image_size: 
 
 
 def build_model(model_config: dict):
-    """Instantiate a model config; only the project's own classes may be named in it."""
-    from hydra.utils import instantiate
+    """The model of a stored (or composed) model config. Only the allowlisted model classes can
+    be built, and the config is checked as data before any of them runs
+    (``models/build.py``): a checkpoint's config cannot call anything else."""
+    from captioner.models.build import ModelConfigError, build_captioner
 
-    def check(node):
-        if isinstance(node, dict):
-            target = node.get("_target_")
-            if target is not None and not str(target).startswith("captioner."):
-                raise CheckpointError(f"model config names a foreign class {target!r}")
-            for v in node.values():
-                check(v)
-
-    check(model_config)
-    return instantiate(model_config)
+    try:
+        return build_captioner(model_config)
+    except ModelConfigError as e:
+        raise CheckpointError(f"model config refused: {e}") from None
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
@@ -83,6 +79,13 @@ def _flatten(d, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
+
+
+def model_config_for(model_config: dict, tokenizer) -> dict:
+    """A composed ``model`` config completed with the vocabulary's size and special ids, as
+    training builds and stores it."""
+    return {**model_config, "vocab_size": len(tokenizer), "pad_id": tokenizer.pad_token_id,
+            "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id}
 
 
 def check_same_model_config(path, stored: dict, wanted: dict) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from captioner.data.images import build_transform, load_image
+from captioner.data.images import ImageLoadError, build_transform, load_image
 from captioner.data.tokenizer import decode as decode_ids
 
 
@@ -38,18 +38,26 @@ def caption_loader(model, tokenizer, loader: Iterable[dict], decode: dict) -> di
 @torch.no_grad()
 def caption_files(model, tokenizer, paths: list, image_size: int, decode: dict,
                   batch_size: int = 16) -> list[dict]:
-    """Caption image files. Each result: ``path``, ``caption``, ``words`` and per-word attention
-    ``attention`` (L, R) for pictures of where the model looked."""
+    """Caption image files, one result per path in order. A caption: ``path``, ``caption``,
+    ``words`` and per-word attention ``attention`` (L, R) for pictures of where the model looked.
+    An image that cannot be read does not stop the others: its result is ``path`` and
+    ``error`` (the one-line message naming it)."""
     model.eval()
     transform = build_transform(image_size)
-    results = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        images = torch.stack([transform(load_image(p)) for p in chunk])  # (B, 3, S, S)
+    results: list[dict] = []
+    loaded = []  # (index into results, image tensor) of the readable images
+    for p in paths:
+        try:
+            loaded.append((len(results), transform(load_image(p))))
+            results.append({"path": str(p)})
+        except ImageLoadError as e:
+            results.append({"path": str(p), "error": str(e)})
+    for start in range(0, len(loaded), batch_size):
+        chunk = loaded[start : start + batch_size]
+        images = torch.stack([image for _, image in chunk])  # (B, 3, S, S)
         tokens, attn = model.generate(images, **decode)  # (B, L), (B, L, R)
-        for p, row, a in zip(chunk, tokens.tolist(), attn):
+        for (i, _), row, a in zip(chunk, tokens.tolist(), attn):
             caption = decode_ids(tokenizer, row)
             n = len(caption.split())
-            results.append({"path": str(p), "caption": caption, "words": caption.split(),
-                            "attention": a[:n]})
+            results[i].update(caption=caption, words=caption.split(), attention=a[:n])
     return results

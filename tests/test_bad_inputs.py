@@ -48,7 +48,7 @@ def jpeg_bytes() -> bytes:
     ("truncated.png", png_bytes((64, 64))[:-40], "corrupt or truncated"),
     ("empty.jpg", b"", "not a readable image"),
     ("notes.png", b"these are notes, not pixels\n" * 10, "not a readable image"),
-    ("bomb.png", png_claiming(60_000, 60_000), "decompression bomb"),
+    ("bomb.png", png_claiming(60_000, 60_000), "exceeds the limit of 100000000 .data.max_pixels"),
 ])
 def test_unreadable_images_are_named(tmp_path, name, data, message):
     path = tmp_path / name

@@ -23,28 +23,38 @@ def newest_checkpoint(runs: Path = DEFAULT_RUNS) -> Path:
     return found
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "integer >= 1"  # argparse names the type in its message
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="caption.py", description="Caption images with a trained checkpoint.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint (default: best of the newest run under outputs/train)")
-    p.add_argument("--beam-size", type=int, default=None, help="1 = greedy (default: checkpoint's)")
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--beam-size", type=positive_int, default=None, help="1 = greedy (default: checkpoint's)")
+    p.add_argument("--max-length", type=positive_int, default=None)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                    help="default: the checkpoint's, else auto (bf16 only where the hardware "
                         "runs it natively)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: the usable cores less those busy elsewhere)")
     p.add_argument("--attention", type=Path, default=None,
                    help="write a picture of the attention per word (one image only)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from captioner.checkpoint import load_checkpoint
-    from captioner.data.images import ImageLoadError
     from captioner.inference import caption_files, decode_settings
     from captioner.utils.cpu import keep_freed_memory
     from captioner.utils.errors import InputError
@@ -54,12 +64,6 @@ def main(argv=None) -> int:
     set_threads(args.threads)
 
     try:
-        for path in args.images:
-            p = Path(path)
-            if p.is_dir():
-                raise ImageLoadError(f"{p}: is a directory, not an image")
-            if not p.exists():
-                raise ImageLoadError(f"{p}: image file not found")
         ckpt = args.checkpoint or newest_checkpoint()
         model, tokenizer, payload = load_checkpoint(ckpt)
         decode = decode_settings(payload["decode"])
@@ -71,17 +75,21 @@ def main(argv=None) -> int:
             decode["precision"] = args.precision
         results = caption_files(model, tokenizer, args.images, payload["image_size"], decode,
                                 args.batch_size)
-    except InputError as e:  # bad image or checkpoint: one line naming it, nothing written
+    except InputError as e:  # bad checkpoint: one line naming it, nothing written
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for r in results:
-        print(f"{r['path']}\t{r['caption']}")
-    if args.attention is not None:
+    for r in results:  # every readable image is captioned; each bad one gets its own line
+        if "error" in r:
+            print(f"error: {r['error']}", file=sys.stderr)
+        else:
+            print(f"{r['path']}\t{r['caption']}")
+    captioned = [r for r in results if "error" not in r]
+    if args.attention is not None and captioned:
         from captioner.viz.attention import save_attention_figure
 
-        save_attention_figure(results[0], args.attention)
+        save_attention_figure(captioned[0], args.attention)
         print(f"attention picture: {args.attention}", file=sys.stderr)
-    return 0
+    return 2 if len(captioned) < len(results) else 0
 
 
 if __name__ == "__main__":

@@ -12,8 +12,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.utils.config_schema import EVALUATE, check_config
 from captioner.utils.cpu import keep_freed_memory
-from captioner.utils.hydra import CONFIG_DIR, exit_on_bad_input, register_resolvers
+from captioner.utils.hydra import (
+    CONFIG_DIR,
+    exit_2_on_config_errors,
+    exit_on_bad_input,
+    register_resolvers,
+)
 
 log = logging.getLogger("captioner.evaluate")
 register_resolvers()
@@ -37,6 +43,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     from captioner.utils.hardware import auto_precision, set_threads
     from captioner.utils.io import atomic_write_json
 
+    check_config(cfg, EVALUATE)
     _, threads_reason = set_threads(cfg.get("threads"))
     log.info("threads: %s", threads_reason)
     model, tokenizer, payload = load_checkpoint(cfg.ckpt_path)
@@ -72,6 +79,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     return report.metrics
 
 
+@exit_2_on_config_errors
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig

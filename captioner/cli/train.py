@@ -13,28 +13,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.cli.start_checks import check_resume
+from captioner.utils.config_schema import TRAIN, check_config
 from captioner.utils.cpu import keep_freed_memory
-from captioner.utils.hydra import CONFIG_DIR, LAST_CHECKPOINT, exit_on_bad_input, register_resolvers
+from captioner.utils.hydra import (
+    CONFIG_DIR,
+    exit_2_on_config_errors,
+    exit_on_bad_input,
+    register_resolvers,
+)
 
 log = logging.getLogger("captioner.train")
 register_resolvers()
-
-
-def resume_checkpoint(cfg: DictConfig) -> Path | None:
-    """The checkpoint to resume from: ``ckpt_path`` as given, ``last`` = this run directory's
-    ``checkpoints/last.ckpt`` (the ``run_dir`` resolver chose the directory of the newest run)."""
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is None:
-        return None
-    if str(ckpt_path) == "last":
-        path = Path(cfg.paths.output_dir) / LAST_CHECKPOINT
-        if not path.is_file():
-            from captioner.checkpoint import CheckpointError
-
-            raise CheckpointError(f"ckpt_path=last: no earlier run with {LAST_CHECKPOINT} under "
-                                  f"{Path(cfg.paths.log_dir) / cfg.task_name} to resume")
-        return path
-    return Path(ckpt_path)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -43,7 +33,7 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     from hydra.utils import instantiate
 
-    from captioner.checkpoint import KEY, build_model, check_same_model_config, read_checkpoint
+    from captioner.checkpoint import build_model, model_config_for
     from captioner.data.tokenizer import tokenizer_from_json
     from captioner.training.checkpoint_io import AtomicCheckpointIO
     from captioner.training.module import CaptioningModule
@@ -51,24 +41,20 @@ def run(cfg: DictConfig) -> dict:
     from captioner.utils.hardware import resolve_trainer_precision, set_threads
     from captioner.utils.io import atomic_write_json
 
+    check_config(cfg, TRAIN)  # values, then the resumed checkpoint: before any work
+    ckpt_path, resumed = check_resume(cfg, Path(cfg.paths.output_dir))
     threads, threads_reason = set_threads(cfg.get("threads"))
     precision, precision_reason = resolve_trainer_precision(
         cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))
     log.info("threads: %s; precision: %s", threads_reason, precision_reason)
     L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = resume_checkpoint(cfg)
-    resumed = read_checkpoint(ckpt_path)[KEY] if ckpt_path else None  # checked before any work
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     if resumed:  # the checkpoint's vocabulary, not one retrained on possibly changed data
         datamodule.set_tokenizer(tokenizer_from_json(resumed["tokenizer"]))
     datamodule.setup("fit")
     tok = datamodule.tokenizer
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    model_config.update(vocab_size=len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                        eos_id=tok.eos_token_id)
-    if resumed:
-        check_same_model_config(ckpt_path, resumed["model_config"], model_config)
+    model_config = model_config_for(OmegaConf.to_container(cfg.model, resolve=True), tok)
     model = build_model(model_config)
     if cfg.get("compile"):  # in place: parameter names, hence checkpoints, stay the same
         model.decoder.compile()
@@ -112,6 +98,7 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
+@exit_2_on_config_errors
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     keep_freed_memory()

@@ -97,7 +97,8 @@ class PadCollate:
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict | None]) -> dict:
-        items = [x for x in items if x is not None]  # skipped bad images
+        kept = [x for x in items if x is not None]  # None: a skipped bad image
+        skipped, items = len(items) - len(kept), kept
         k = len(items[0]["captions"]) if items else 0
         T = max((len(c) for x in items for c in x["captions"]), default=1)
         captions = torch.full((len(items), k, T), self.pad_id, dtype=torch.long)  # (B, k, T)
@@ -105,7 +106,8 @@ class PadCollate:
             for j, c in enumerate(x["captions"]):
                 captions[b, j, : len(c)] = torch.tensor(c)
         batch = {"captions": captions,
-                 "image_ids": torch.tensor([x["image_id"] for x in items], dtype=torch.long)}
+                 "image_ids": torch.tensor([x["image_id"] for x in items], dtype=torch.long),
+                 "num_skipped": skipped}  # counted per epoch by training/skipped_images.py
         if items and "features" in items[0]:
             batch["features"] = torch.stack([x["features"] for x in items])  # (B, R, C)
         else:

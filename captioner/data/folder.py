@@ -44,6 +44,17 @@ def split_by_hash(names: list[str], fractions: dict[str, float], seed: int = 0) 
     return out
 
 
+def _check_utf8(path: Path) -> None:
+    """Name the line of a captions file that is not UTF-8 (the parsers' errors name neither)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CaptionDataError(f"{path}: line {n}: not UTF-8 text (byte {line[e.start]:#04x} "
+                                       f"at column {e.start + 1}); save the file as UTF-8") from None
+
+
 def read_caption_table(path: str | Path) -> dict[str, list[str]]:
     """{file_name: [captions]} from a JSON-lines or CSV file, in first-seen order."""
     import datasets
@@ -55,6 +66,7 @@ def read_caption_table(path: str | Path) -> dict[str, list[str]]:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise CaptionDataError(f"{path}: unknown captions format {path.suffix!r} (.jsonl or .csv)")
+    _check_utf8(path)
     try:
         table = datasets.Dataset.from_json(str(path), keep_in_memory=True) if kind == "json" else \
             datasets.Dataset.from_csv(str(path), keep_in_memory=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -21,6 +22,20 @@ class ImageLoadError(InputError, RuntimeError):
     """An image could not be read; the message names the file."""
 
 
+@contextlib.contextmanager
+def _opened(path):
+    """``Image.open`` with Pillow's own pixel limit (``MAX_IMAGE_PIXELS``, about 89M) off: it
+    would refuse images under ``data.max_pixels`` and cap a larger setting; the caller checks
+    ``max_pixels`` instead. Restored at once (loaders run in processes, not threads)."""
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        img = Image.open(path)  # reads the header only
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+    with img:
+        yield img
+
+
 def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Any PIL mode -> RGB, EXIF orientation applied, refusing decompression bombs.
 
@@ -30,10 +45,11 @@ def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with _opened(path) as img:
                 if img.width * img.height > max_pixels:
                     raise ImageLoadError(
-                        f"{path}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels}"
+                        f"{path}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels} "
+                        "(data.max_pixels, a guard against decompression bombs)"
                     )
                 img = ImageOps.exif_transpose(img)
                 if img.mode in WIDE_INTEGER_MODES:  # PIL's point() misses big-endian I;16B

@@ -34,6 +34,30 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux), since setting it
+    to read it back would briefly affect files other threads create."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _target_mode(path: Path) -> int:
+    """An existing file keeps its mode; a new one gets what ``open()`` would give it
+    (``mkstemp`` makes temp files 0600, which would leave outputs unreadable to the group)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path, remove_stale: bool = False) -> Iterator[BinaryIO]:
     """``with atomic_open(p) as f: f.write(...)`` publishes ``p`` only when the block completes;
@@ -50,6 +74,7 @@ def atomic_open(path, remove_stale: bool = False) -> Iterator[BinaryIO]:
             stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        os.fchmod(fd, _target_mode(path))
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
