@@ -15,11 +15,10 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.utils import hardware
 from captioner.utils.errors import InputError
 
-TRAINER_PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true",
-                      "64-true")
-DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", None)
+DECODE_PRECISIONS = (*hardware.DECODE_PRECISIONS, None)  # None: as the caller runs
 DECODE_METHODS = ("greedy", "beam")
 
 
@@ -68,7 +67,7 @@ COMMON = {
     "threads": integer(1, null=True),
     "data.batch_size": integer(1),
     "data.eval_batch_size": integer(1, null=True),
-    "data.num_workers": integer(0),
+    "data.num_workers": integer(0, null=True),
     "data.image_size": integer(1),
     "data.captions_per_image": integer(1),
     "data.max_caption_length": integer(1),
@@ -82,8 +81,8 @@ TRAIN = {
     "trainer.max_epochs": integer(1, also=(-1,)),
     "trainer.min_epochs": integer(0, null=True),
     # as text: `trainer.precision=32` reaches the config as the integer 32
-    "trainer.precision": (lambda v: isinstance(v, (str, int)) and str(v) in TRAINER_PRECISIONS,
-                          one_of(*TRAINER_PRECISIONS)[1]),
+    "trainer.precision": (lambda v: isinstance(v, (str, int)) and str(v) in hardware.TRAINER_PRECISIONS,
+                          one_of(*hardware.TRAINER_PRECISIONS)[1]),
     "trainer.accumulate_grad_batches": integer(1),
     "trainer.check_val_every_n_epoch": integer(1, null=True),
     "trainer.log_every_n_steps": integer(1),
