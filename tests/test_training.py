@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from captioner.checkpoint import CheckpointError, build_model
 from captioner.cli.train import run
+from captioner.data.tokenizer import with_vocabulary
 from captioner.training.init_from import InitFromCheckpoint
 from captioner.training.module import CaptioningModule, attention_penalty, mix_tokens
 from captioner.training.schedules import build_scheduler, scheduled_sampling_prob
@@ -29,9 +30,7 @@ def tiny_module(cfg, **kwargs):
     dm.prepare_data()
     dm.setup("fit")
     tok = dm.tokenizer
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    model_config.update(vocab_size=len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                        eos_id=tok.eos_token_id)
+    model_config = with_vocabulary(OmegaConf.to_container(cfg.model, resolve=True), tok)
     module = CaptioningModule(model=build_model(model_config), tokenizer=tok,
                               model_config=model_config, optimizer=instantiate(cfg.optimizer),
                               **kwargs)

@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
     from captioner.checkpoint import KEY, build_model, check_same_model_config, read_checkpoint
-    from captioner.data.tokenizer import tokenizer_from_json
+    from captioner.data.tokenizer import tokenizer_from_json, with_vocabulary
     from captioner.training.checkpoint_io import AtomicCheckpointIO
     from captioner.training.module import CaptioningModule
     from captioner.training.resume import ExactResume
@@ -59,9 +59,7 @@ def run(cfg: DictConfig) -> dict:
         datamodule.set_tokenizer(tokenizer_from_json(resumed["tokenizer"]))
     datamodule.setup("fit")
     tok = datamodule.tokenizer
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    model_config.update(vocab_size=len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                        eos_id=tok.eos_token_id)
+    model_config = with_vocabulary(OmegaConf.to_container(cfg.model, resolve=True), tok)
     if resumed:
         check_same_model_config(ckpt_path, resumed["model_config"], model_config)
     model = build_model(model_config)
