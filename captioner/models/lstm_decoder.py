@@ -8,16 +8,9 @@ from torch import Tensor, nn
 
 from captioner.models.attention import AdditiveAttention, additive_scores, build_attention
 from captioner.models.decoder import StepDecoder
-from captioner.models.fusion import CoAttention, GatedFusion, VisualSentinel
+from captioner.models.fusion import CoAttention, GatedFusion, VisualSentinel, parse_fusion
 
 FUSIONS = ("none", "coattention", "gated", "coattention+gated")
-
-
-def parse_fusion(fusion: str, allowed: tuple[str, ...] = FUSIONS) -> set[str]:
-    """'coattention+gated' -> {'coattention', 'gated'}; 'none' -> set()."""
-    if fusion not in allowed:
-        raise ValueError(f"unknown fusion {fusion!r}; choose one of {list(allowed)}")
-    return set() if fusion == "none" else set(fusion.split("+"))
 
 
 class _StepLinear(torch.autograd.Function):
@@ -89,7 +82,7 @@ class LSTMDecoder(StepDecoder):
         fusion: str = "none",
     ):
         super().__init__()
-        fusions = parse_fusion(fusion)
+        fusions = parse_fusion(fusion, FUSIONS)
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
