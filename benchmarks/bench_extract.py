@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
+from captioner.data.feature_cache import _collate, _Images, cached_features  # noqa: E402
 from captioner.data.images import build_transform  # noqa: E402
-from captioner.features.cache import _collate, _Images, cached_features  # noqa: E402
 from captioner.models.encoder import EfficientNetLiteEncoder, inference_copy  # noqa: E402
 from captioner.utils.cpu import keep_freed_memory  # noqa: E402
 from captioner.utils.hardware import machine_info, machine_line  # noqa: E402

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from captioner.data.captions import write_coco_subset
 from captioner.data.datamodule import CaptionDataModule
+from captioner.data.feature_cache import cached_features
 from captioner.data.images import build_transform, load_image
-from captioner.features.cache import cached_features
 from captioner.models.encoder import CNNEncoder, EfficientNetLiteEncoder
 from captioner.models.lstm_decoder import LSTMDecoder
 from captioner.utils.cpu import keep_freed_memory

@@ -81,13 +81,6 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
-def model_config_for(model_config: dict, tokenizer) -> dict:
-    """A composed ``model`` config completed with the vocabulary's size and special ids, as
-    training builds and stores it."""
-    return {**model_config, "vocab_size": len(tokenizer), "pad_id": tokenizer.pad_token_id,
-            "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id}
-
-
 def check_same_model_config(path, stored: dict, wanted: dict) -> None:
     """Resuming needs the checkpoint's architecture: name every key that differs."""
     a, b = _flatten(stored), _flatten(wanted)

@@ -6,16 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.checkpoint import build_model, checkpoint_payload, model_config_for
+from captioner.checkpoint import build_model, checkpoint_payload
 from captioner.cli import caption as caption_cli
-from captioner.data.tokenizer import train_tokenizer
+from captioner.data.tokenizer import train_tokenizer, with_vocabulary
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """An untrained but complete checkpoint: enough to caption (training is not the point)."""
     tok = train_tokenizer(["a red square", "a blue circle"])
-    config = model_config_for({
+    config = with_vocabulary({
         "_target_": "captioner.models.captioner.Captioner",
         "encoder": {"_target_": "captioner.models.encoder.CNNEncoder", "name": "resnet18",
                     "return_layer": "layer2"},

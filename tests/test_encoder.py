@@ -5,8 +5,10 @@ import pytest
 import torch
 import torchvision
 
-from captioner.data.images import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_image
+from captioner.data.images import build_transform, load_image
 from captioner.models.encoder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     CNNEncoder,
     EfficientNetLiteEncoder,
     EncoderWeightsError,
@@ -37,6 +39,14 @@ def test_lite0_renormalises_to_tf_range(lite0):
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     got = lite0.normalise((raw - mean) / std)
     torch.testing.assert_close(got, (raw * 255 - 127) / 128, rtol=1e-5, atol=1e-5)
+
+
+def test_transform_normalises_as_the_encoders_expect():
+    from PIL import Image
+
+    x = build_transform(4)(Image.new("RGB", (4, 4), (51, 102, 153)))  # (3, 4, 4)
+    want = (torch.tensor([0.2, 0.4, 0.6]) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(x[:, 0, 0], want)
 
 
 def test_frozen_encoder_keeps_batchnorm_statistics(lite0):

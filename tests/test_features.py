@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-import captioner.features.cache as cache_mod
+import captioner.data.feature_cache as cache_mod
 from captioner.data.datamodule import CaptionDataModule
+from captioner.data.feature_cache import cached_features
 from captioner.data.images import build_transform, load_image
-from captioner.features.cache import cached_features
 from captioner.models.encoder import CNNEncoder, EfficientNetLiteEncoder
 
 

@@ -12,8 +12,10 @@ from omegaconf import OmegaConf
 
 from captioner.checkpoint import CheckpointError, build_model
 from captioner.cli.train import run
+from captioner.data.tokenizer import with_vocabulary
+from captioner.models.scheduled_sampling import mix_tokens, scheduled_sampling
 from captioner.training.init_from import InitFromCheckpoint
-from captioner.training.module import CaptioningModule, attention_penalty, mix_tokens
+from captioner.training.module import CaptioningModule, attention_penalty
 from captioner.training.schedules import build_scheduler, scheduled_sampling_prob
 from captioner.training.scst import (
     CiderReward,
@@ -29,9 +31,7 @@ def tiny_module(cfg, **kwargs):
     dm.prepare_data()
     dm.setup("fit")
     tok = dm.tokenizer
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    model_config.update(vocab_size=len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                        eos_id=tok.eos_token_id)
+    model_config = with_vocabulary(OmegaConf.to_container(cfg.model, resolve=True), tok)
     module = CaptioningModule(model=build_model(model_config), tokenizer=tok,
                               model_config=model_config, optimizer=instantiate(cfg.optimizer),
                               **kwargs)
@@ -173,11 +173,11 @@ def test_scheduled_sampling_forward(train_cfg):
     tokens = batch["captions"].flatten(0, 1)[:, :-1]  # (B*k, T-1)
     with torch.no_grad():
         expected, expected_attn = module.model.decoder(features, tokens)
-        logits, attn = module.scheduled_sampling_forward(features, tokens, 0.0)
+        logits, attn = scheduled_sampling(module.model.decoder, features, tokens, 0.0)
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(attn, expected_attn, atol=1e-5, rtol=1e-4)
         # at probability 1 the model reads its own tokens: the logits change after the first step
-        mixed, _ = module.scheduled_sampling_forward(features, tokens, 1.0)
+        mixed, _ = module.model(None, tokens, features=features, ss_prob=1.0)
         torch.testing.assert_close(mixed[:, 0], expected[:, 0], atol=1e-5, rtol=1e-4)
         assert not torch.allclose(mixed[:, 1:], expected[:, 1:], atol=1e-3)
 

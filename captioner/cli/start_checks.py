@@ -48,11 +48,11 @@ def check_resume(cfg: DictConfig, run_dir: Path | None = None) -> tuple[Path | N
     path = resume_checkpoint_path(cfg, run_dir)
     if path is None:
         return None, None
-    from captioner.checkpoint import KEY, check_same_model_config, model_config_for, read_checkpoint
-    from captioner.data.tokenizer import tokenizer_from_json
+    from captioner.checkpoint import KEY, check_same_model_config, read_checkpoint
+    from captioner.data.tokenizer import tokenizer_from_json, with_vocabulary
 
     payload = read_checkpoint(path)[KEY]
-    wanted = model_config_for(OmegaConf.to_container(cfg.model, resolve=True),
+    wanted = with_vocabulary(OmegaConf.to_container(cfg.model, resolve=True),
                               tokenizer_from_json(payload["tokenizer"]))
     check_same_model_config(path, payload["model_config"], wanted)
     return path, payload

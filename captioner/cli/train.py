@@ -33,8 +33,8 @@ def run(cfg: DictConfig) -> dict:
     import lightning as L
     from hydra.utils import instantiate
 
-    from captioner.checkpoint import build_model, model_config_for
-    from captioner.data.tokenizer import tokenizer_from_json
+    from captioner.checkpoint import build_model
+    from captioner.data.tokenizer import tokenizer_from_json, with_vocabulary
     from captioner.training.checkpoint_io import AtomicCheckpointIO
     from captioner.training.module import CaptioningModule
     from captioner.training.resume import ExactResume
@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
         datamodule.set_tokenizer(tokenizer_from_json(resumed["tokenizer"]))
     datamodule.setup("fit")
     tok = datamodule.tokenizer
-    model_config = model_config_for(OmegaConf.to_container(cfg.model, resolve=True), tok)
+    model_config = with_vocabulary(OmegaConf.to_container(cfg.model, resolve=True), tok)
     model = build_model(model_config)
     if cfg.get("compile"):  # in place: parameter names, hence checkpoints, stay the same
         model.decoder.compile()

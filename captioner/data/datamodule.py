@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.captions import CaptionDataError, ImageCaptions, read_split
+from captioner.data.feature_cache import FeatureCache, cached_features
 from captioner.data.folder import prepare_folder, split_by_hash
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, build_transform, load_image
 from captioner.data.tokenizer import encode, train_tokenizer
-from captioner.features.cache import FeatureCache, cached_features
 from captioner.utils.hardware import auto_workers
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Safe image loading and the transforms: the one place that decides image normalisation."""
+"""Safe image loading and the transforms (normalised with the statistics the encoders declare)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from captioner.models.encoder import IMAGENET_MEAN, IMAGENET_STD
 from captioner.utils.errors import InputError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 100_000_000
 WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit scans and PNGs, 32-bit int TIFFs
 

@@ -40,6 +40,13 @@ def train_tokenizer(
     return _wrap(tok)
 
 
+def with_vocabulary(model_config: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """``model_config`` (plain data, ``build_model``'s input) completed with what only the
+    tokenizer knows: the vocabulary size and the ids of the special tokens."""
+    return {**model_config, "vocab_size": len(tokenizer), "pad_id": tokenizer.pad_token_id,
+            "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id}
+
+
 def tokenizer_to_json(tokenizer: PreTrainedTokenizerFast) -> str:
     return tokenizer.backend_tokenizer.to_str()
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from captioner.metrics.cider import _as_hyp, prepare
+from captioner.metrics.cider import prepare
+from captioner.metrics.text import as_hypothesis
 
 _TINY = 1e-15
 _SMALL = 1e-9
@@ -75,7 +76,7 @@ def bleu(refs: Mapping[Hashable, Sequence[str]], hyps: Mapping[Hashable, Any],
     if not ids:
         return [0.0] * n, {}
     testlen, reflen, guess, correct = bleu_counts(
-        [_as_hyp(hyps[i]) for i in ids], [list(refs[i]) for i in ids], n)
+        [as_hypothesis(hyps[i]) for i in ids], [list(refs[i]) for i in ids], n)
     # per image, vectorised with the same operation order as pycocoevalcap
     ratio = (testlen + _TINY) / (reflen + _SMALL)
     bp = np.where(ratio < 1, np.exp(1 - 1 / np.where(ratio < 1, ratio, 1.0)), 1.0)

@@ -25,15 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner.metrics.text import Level, Vocab, ngram_levels, split_sentences
-
-
-def _as_hyp(h: Any) -> str:
-    if isinstance(h, str):
-        return h
-    if isinstance(h, (list, tuple)) and len(h) == 1 and isinstance(h[0], str):
-        return h[0]
-    raise TypeError(f"hypothesis must be a string (or a one-element list), got {h!r}")
+from captioner.metrics.text import Level, Vocab, as_hypothesis, ngram_levels, split_sentences
 
 
 @dataclass
@@ -178,7 +170,7 @@ def cider_d(refs: Mapping[Hashable, Sequence[str]], hyps: Mapping[Hashable, Any]
     ids = list(refs.keys())
     if not ids:
         return 0.0, {}
-    p = prepare([_as_hyp(hyps[i]) for i in ids], np.arange(len(ids)),
+    p = prepare([as_hypothesis(hyps[i]) for i in ids], np.arange(len(ids)),
                 [list(refs[i]) for i in ids])
     scores = _cider_scores(p, n, sigma, math.log(float(len(ids))), Level.ref_doc_freq)
     return float(np.mean(scores)), dict(zip(ids, scores.tolist()))
@@ -270,5 +262,5 @@ class CiderD:
                 by_obj[id(r)] = j
             himg[i] = j
         # a private copy of the vocabulary: words unseen in the corpus get ids >= self.base
-        p = prepare([_as_hyp(h) for h in hyps], himg, uniq, Vocab(self.vocab.ids))
+        p = prepare([as_hypothesis(h) for h in hyps], himg, uniq, Vocab(self.vocab.ids))
         return _cider_scores(p, self.n, self.sigma, self.log_n, self._df_fn(p.vocab_size + 1))

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
+from typing import Any
 
 import numpy as np
 
@@ -94,6 +95,16 @@ def ptb_tokenize(caption: str) -> list[str]:
 
 
 _SIMPLE = re.compile(r"[a-z0-9 ]*\.?[ ]*")
+
+
+def as_hypothesis(h: Any) -> str:
+    """One generated caption as the metrics take it: a string, or a one-element list holding
+    one (pycocoevalcap's ``{image_id: [caption]}`` layout)."""
+    if isinstance(h, str):
+        return h
+    if isinstance(h, (list, tuple)) and len(h) == 1 and isinstance(h[0], str):
+        return h[0]
+    raise TypeError(f"hypothesis must be a string (or a one-element list), got {h!r}")
 
 
 @lru_cache(maxsize=1 << 18)

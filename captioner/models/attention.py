@@ -61,6 +61,12 @@ def additive_scores(q: Tensor, prepared: Tensor, v: Tensor) -> Tensor:
                       for i in range(0, shape[0], rows)])  # fmt: skip
 
 
+def average_heads(weights: Tensor) -> Tensor:
+    """One step's attention weights as decoders return them, (B, R) or per head (B, H, R), ->
+    (B, R): what searches, losses and attention maps read."""
+    return weights if weights.dim() == 2 else weights.mean(1)
+
+
 def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int = -1) -> Tensor:
     """Softmax that gives exactly zero weight to masked positions (and all-zero rows when a row
     is fully masked). ``mask`` broadcasts against ``scores``.
@@ -92,6 +98,18 @@ class Attention(nn.Module):
     def mix(self, weights: Tensor, values: Tensor, prepared: Tensor) -> Tensor:
         """(B, [H,] T, R) weights -> context (B, T, out_dim)."""
         return weights @ values  # (B, T, Dv)
+
+    def fusable_query(self) -> nn.Linear | None:
+        """The linear layer ``score`` first applies to the query, when ``attend_projected`` can
+        do the rest from its output; None when the query is read otherwise. A recurrent decoder
+        can then run that layer inside its own per-step matmul on the hidden state
+        (``LSTMDecoder``'s packed training path): one matmul a step instead of two."""
+        return None
+
+    def attend_projected(self, q: Tensor, values: Tensor, prepared: Tensor) -> tuple[Tensor, Tensor]:
+        """One query per row, already through ``fusable_query()``: q (n, A), values (n, R, C),
+        prepared (n, R, P) -> context (n, out_dim), weights (n, R). No mask."""
+        raise NotImplementedError(f"{type(self).__name__} has no fusable query")
 
     def attend(
         self, query: Tensor, values: Tensor, prepared: Tensor, mask: Tensor | None
@@ -145,6 +163,14 @@ class AdditiveAttention(Attention):
     def score(self, query: Tensor, prepared: Tensor) -> Tensor:
         q = self.query_proj(query)  # (B, T, A)
         return additive_scores(q.unsqueeze(2), prepared.unsqueeze(1), self.v.weight)  # (B, T, R)
+
+    def fusable_query(self) -> nn.Linear:
+        return self.query_proj  # W_q: the query enters the scores only through it
+
+    def attend_projected(self, q: Tensor, values: Tensor, prepared: Tensor) -> tuple[Tensor, Tensor]:
+        weights = additive_scores(q[:, None], prepared, self.v.weight).softmax(-1)  # (n, R)
+        context = torch.bmm(weights[:, None], values).squeeze(1)  # (n, C)
+        return context, weights
 
 
 class DotAttention(Attention):

@@ -1,4 +1,9 @@
-"""Encoder + decoder: the nn.Module a checkpoint holds (plain PyTorch, no Lightning)."""
+"""Encoder + decoder: the nn.Module a checkpoint holds (plain PyTorch, no Lightning).
+
+It owns every way of running the decoder: teacher forcing (``forward``, optionally with
+scheduled sampling), sampling for self-critical training (``sample``) and inference
+(``generate``). Each takes images, or the encoder's features (B, R, C) when they are at hand
+(cached, or shared with another call)."""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from captioner.models.search import generate
+from captioner.models.scheduled_sampling import scheduled_sampling
+from captioner.models.search import generate, sample
 from captioner.utils.hardware import DECODE_PRECISIONS, resolve_decode_precision
 
 
@@ -33,8 +39,32 @@ class Captioner(nn.Module):
     def encode(self, images: Tensor) -> Tensor:
         return self.encoder(images)  # (B, R, C)
 
-    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        return self.decoder(self.encode(images), tokens)
+    def _features(self, images: Tensor | None, features: Tensor | None) -> Tensor:
+        if (images is None) == (features is None):
+            raise ValueError("pass exactly one of images and features")
+        return self.encode(images) if features is None else features  # (B, R, C)
+
+    def forward(self, images: Tensor | None, tokens: Tensor, *, features: Tensor | None = None,
+                ss_prob: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Teacher forcing: tokens (B*k, T) inputs (BOS first), k captions per image ->
+        logits (B*k, T, V), attention (B*k, T, R) (heads averaged). With ``ss_prob`` > 0 each
+        input after BOS is the model's own sampled prediction with that probability
+        (scheduled sampling, step by step; ``models/scheduled_sampling.py``)."""
+        features = self._features(images, features)
+        if ss_prob > 0:
+            return scheduled_sampling(self.decoder, features, tokens, ss_prob)
+        return self.decoder(features, tokens)
+
+    def sample(self, images: Tensor | None = None, features: Tensor | None = None,
+               num_samples: int = 5, max_length: int = 20,
+               temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """``num_samples`` captions per image for self-critical training, with gradients:
+        tokens, their log-probs and the real-position mask, each (B*S, L), image-major
+        (``search.sample``)."""
+        return sample(
+            self.decoder, self._features(images, features), self.bos_id, self.eos_id,
+            self.pad_id, num_samples=num_samples, max_length=max_length, temperature=temperature,
+        )  # fmt: skip
 
     @torch.no_grad()
     def generate(self, images: Tensor | None = None, features: Tensor | None = None,
@@ -55,12 +85,11 @@ class Captioner(nn.Module):
             dtype = torch.float16 if precision == "fp16" else torch.bfloat16
             scope = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
         with scope:
-            if features is None:
-                features = self.encode(images)
+            features = self._features(images, features)
             if precision == "fp32":  # e.g. grids encoded under a caller's bf16 autocast
                 features = features.float()
             tokens, attn = generate(
-                self.decoder, features, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
-                **decode,
-            )
+                self.decoder, features, bos_id=self.bos_id,
+                eos_id=self.eos_id, pad_id=self.pad_id, **decode,
+            )  # fmt: skip
         return tokens, attn.float()

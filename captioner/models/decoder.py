@@ -3,6 +3,7 @@
     state = decoder.init_state(features)              # features: (B, R, C) grid from the encoder
     logits, state, attn = decoder.step(tokens, state)  # tokens: (B,) last token; logits: (B, V)
     state = decoder.reorder_state(state, index)        # beams: pick (and repeat) rows of the batch
+    state = decoder.expand_state(state, k)             # k rows per image (captions, samples)
 
 ``state`` is a dict of tensors (or tuples of tensors) whose first dimension is the batch, so reordering is generic.
 Entries named in ``static_state_keys`` depend only on the image (e.g. the grid and its attention
@@ -14,6 +15,7 @@ that it equals running ``step`` token by token.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -29,6 +31,17 @@ class StepDecoder(nn.Module):
 
     def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
         return {k: _select(v, index) for k, v in state.items()}
+
+    def expand_state(self, state: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+        """The state of B images for B*k rows, image-major (rows i*k .. i*k+k-1 are image i's k
+        captions or samples). ``static_state_keys`` entries stay at one row per image."""
+        moving = {key: v for key, v in state.items() if key not in self.static_state_keys}
+        if k == 1 or not moving:
+            return state
+        first = next(iter(moving.values()))
+        first = first[0] if isinstance(first, tuple) else first  # (B, ...)
+        index = torch.arange(first.size(0), device=first.device).repeat_interleave(k)  # (B*k,)
+        return {**state, **self.reorder_state(moving, index)}
 
 
 def _select(value, index: Tensor):

@@ -1,7 +1,8 @@
 """Image encoders: a CNN cut before its classifier, giving a spatial grid of region features.
 
-Every encoder maps ImageNet-normalised images (``data/images.py``) to (B, R, C) and shares the
-fine-tuning interface used by the training module:
+Every encoder maps ImageNet-normalised images (``IMAGENET_MEAN`` / ``IMAGENET_STD`` below, which
+the transforms of ``data/images.py`` apply) to (B, R, C) and shares the fine-tuning interface used
+by the training module:
 
     encoder.set_trainable(n)        # None: every block, 0: frozen, n: the last n blocks
     encoder.trainable_layers        # n to unfreeze (after ``finetune_after_epoch`` if set)
@@ -22,7 +23,10 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from captioner.data.images import IMAGENET_MEAN, IMAGENET_STD
+# The input every encoder here expects: images scaled to [0, 1], then normalised per channel
+# with the ImageNet statistics its weights were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class EncoderWeightsError(RuntimeError):
@@ -289,7 +293,7 @@ def inference_copy(encoder: nn.Module) -> nn.Module:
     """An eval-mode copy for feature extraction: every BatchNorm that directly follows a
     convolution is folded into it, in channels-last layout (together 2.2x the fp32 throughput of
     EfficientNet-Lite0 on a 2-core CPU). Same function up to float rounding; callers check one
-    batch against the original (``cache._extract``) since adjacency in registration order is
+    batch against the original (``data.feature_cache._extract``) since adjacency in registration order is
     what defines "follows" here."""
     import copy
 

@@ -15,6 +15,14 @@ from torch import Tensor, nn
 from captioner.models.attention import build_attention, masked_softmax
 
 
+def parse_fusion(fusion: str, allowed: tuple[str, ...]) -> set[str]:
+    """A decoder's ``fusion`` setting, checked against the ones it ``allowed``:
+    'coattention+gated' -> {'coattention', 'gated'}; 'none' -> set()."""
+    if fusion not in allowed:
+        raise ValueError(f"unknown fusion {fusion!r}; choose one of {list(allowed)}")
+    return set() if fusion == "none" else set(fusion.split("+"))
+
+
 class CoAttention(nn.Module):
     """Image-to-text co-attention, causal in the text.
 

@@ -4,57 +4,23 @@ optionally with co-attention (caption-aware regions) and the adaptive-attention 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captioner.models.attention import AdditiveAttention, additive_scores, build_attention
+from captioner.models.attention import average_heads, build_attention
 from captioner.models.decoder import StepDecoder
-from captioner.models.fusion import CoAttention, GatedFusion, VisualSentinel
+from captioner.models.fusion import CoAttention, GatedFusion, VisualSentinel, parse_fusion
+from captioner.models.step_linear import DeferredLinear
 
 FUSIONS = ("none", "coattention", "gated", "coattention+gated")
 
 
-def parse_fusion(fusion: str, allowed: tuple[str, ...] = FUSIONS) -> set[str]:
-    """'coattention+gated' -> {'coattention', 'gated'}; 'none' -> set()."""
-    if fusion not in allowed:
-        raise ValueError(f"unknown fusion {fusion!r}; choose one of {list(allowed)}")
-    return set() if fusion == "none" else set(fusion.split("+"))
-
-
-class _StepLinear(torch.autograd.Function):
-    """y = x @ w.T for one recurrent step, whose weight gradient is left to ``_AllSteps``: its
-    backward only records (dL/dy, x)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, store: list) -> Tensor:
-        x = x.to(w.dtype)
-        ctx.save_for_backward(x, w)
-        ctx.store = store
-        return x @ w.t()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, w = ctx.saved_tensors
-        ctx.store.append((grad, x))
-        return grad @ w, None, None
-
-
-class _AllSteps(torch.autograd.Function):
-    """Identity on a weight that every step reads through ``_StepLinear``. Autograd runs its
-    backward after all the steps' (they consume its output), and there the weight gradient of
-    all steps is one (out, P) @ (P, in) matmul instead of T rank-n updates of the whole
-    weight, each a memory-bound pass over it (16 MB a step for a 2048-channel grid)."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, store: list) -> Tensor:
-        ctx.store = store
-        ctx.set_materialize_grads(False)
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, _unused):
-        grads, inputs = zip(*ctx.store)
-        ctx.store.clear()
-        return torch.cat(grads).t() @ torch.cat(inputs), None
+def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """nn.LSTMCell's update from its pre-activations: gates (n, 4H) in the order input, forget,
+    cell, output, and the memory c (n, H) -> the new (h, c), each (n, H)."""
+    i, f, g, o = gates.chunk(4, 1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 class LSTMDecoder(StepDecoder):
@@ -89,7 +55,7 @@ class LSTMDecoder(StepDecoder):
         fusion: str = "none",
     ):
         super().__init__()
-        fusions = parse_fusion(fusion)
+        fusions = parse_fusion(fusion, FUSIONS)
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
@@ -139,7 +105,9 @@ class LSTMDecoder(StepDecoder):
             context, attn = context.reshape(n, -1), attn.reshape(n, *attn.shape[2:])
         context = torch.sigmoid(self.f_beta(h)) * context  # (B, ctx)
         x = torch.cat([emb, context], dim=1)  # (B, E + ctx)
-        h_new, c_new = self.lstm(x, (h, c))
+        lstm = self.lstm  # its weights; the update is ``lstm_update``, shared with the packed path
+        gates = F.linear(h, lstm.weight_hh, lstm.bias_hh) + F.linear(x, lstm.weight_ih, lstm.bias_ih)
+        h_new, c_new = lstm_update(gates, c)  # (B, H) each
         out = h_new
         if self.gate is not None:
             sentinel = self.sentinel(x, h, c_new)  # (B, H)
@@ -163,7 +131,7 @@ class LSTMDecoder(StepDecoder):
 
     def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing. features (B, R, C); tokens (B*k, T) input tokens (BOS first), where k
-        captions per image share one image: the grid is projected once and then repeated.
+        captions per image share one image: the grid is projected once per image.
         Returns logits (B*k, T, V) and head-averaged attention (B*k, T, R).
 
         In training mode a row's positions after its last non-pad token cost no compute: their
@@ -171,11 +139,7 @@ class LSTMDecoder(StepDecoder):
         other position, and in eval mode every position, equals running ``step`` token by token."""
         if self.coattention is None and self.gate is None:
             return self._forward_packed(features, tokens)
-        state = self.init_state(features)
-        k = tokens.size(0) // features.size(0)
-        if k > 1:
-            index = torch.arange(features.size(0), device=features.device).repeat_interleave(k)
-            state = self.reorder_state(state, index)
+        state = self.expand_state(self.init_state(features), tokens.size(0) // features.size(0))
         emb = self.embedding(tokens)  # (B*k, T, E)
         if self.coattention is not None:
             # every step's refined regions at once, and their key projections in one call
@@ -190,7 +154,7 @@ class LSTMDecoder(StepDecoder):
             h, c, out, attn = self._cell(emb[:, t], step_regions, step_prepared, state)
             state["h"], state["c"] = h, c
             outs.append(out)
-            attns.append(attn if attn.dim() == 2 else attn.mean(1))
+            attns.append(average_heads(attn))  # (B*k, R)
         outs = torch.stack(outs, 1)  # (B*k, T, H)
         return self.fc(self.dropout(outs)), torch.stack(attns, 1)
 
@@ -231,14 +195,19 @@ class LSTMDecoder(StepDecoder):
         # (T, N, 4H) buffer in backward
         gates_in = gates_in.unbind(0)  # T x (N, 4H)
 
-        # Additive attention: everything read from h (recurrent gates, context gate, attention
-        # query) in one matmul per step, forward and backward, instead of three.
+        # When the attention reads h through one linear layer (additive: W_q), everything read
+        # from h (recurrent gates, context gate, attention query) is one matmul per step,
+        # forward and backward, instead of three.
         att = self.attention
-        fused = type(att) is AdditiveAttention
+        query_layer = att.fusable_query()
+        fused = query_layer is not None
         if fused:
-            w_h = torch.cat([w_hh, self.f_beta.weight, att.query_proj.weight])  # (4H+C+A, H)
-            b_h = torch.cat([torch.zeros_like(bias), self.f_beta.bias, att.query_proj.bias])
-            splits = [4 * H, self.f_beta.out_features, att.query_proj.out_features]
+            q_bias = query_layer.bias
+            if q_bias is None:
+                q_bias = query_layer.weight.new_zeros(query_layer.out_features)
+            w_h = torch.cat([w_hh, self.f_beta.weight, query_layer.weight])  # (4H+C+A, H)
+            b_h = torch.cat([torch.zeros_like(bias), self.f_beta.bias, q_bias])
+            splits = [4 * H, self.f_beta.out_features, query_layer.out_features]
         if torch.is_autocast_enabled(dev.type):
             # autocast casts only leaf weights once; these step-invariant operands are not
             # leaves, so cast them here once instead of at every step
@@ -248,8 +217,7 @@ class LSTMDecoder(StepDecoder):
                 w_h, b_h = w_h.to(low), b_h.to(low)
         deferred = fused and torch.is_grad_enabled()
         if deferred:  # per-step matmuls whose weight gradients are summed once, after all steps
-            h_store, ctx_store = [], []
-            w_h, w_ctx = _AllSteps.apply(w_h, h_store), _AllSteps.apply(w_ctx, ctx_store)
+            from_h_linear, from_ctx_linear = DeferredLinear(w_h), DeferredLinear(w_ctx)
 
         outs, attns = [], []
         for t, n in enumerate(counts):
@@ -261,28 +229,21 @@ class LSTMDecoder(StepDecoder):
                 h, c, regions, prepared = h[:n], c[:n], regions[:n], prepared[:n]
             if fused:
                 if deferred:
-                    from_h = _StepLinear.apply(h, w_h, h_store) + b_h
+                    from_h = from_h_linear(h) + b_h
                 else:
                     from_h = torch.addmm(b_h, h, w_h.t())
                 hh, gate, q = from_h.split(splits, 1)  # (n, 4H | C | A)
-                scores = additive_scores(q[:, None], prepared, att.v.weight)  # (n, R)
-                attn = scores.softmax(-1)
-                context = torch.bmm(attn[:, None], regions).squeeze(1)  # (n, C)
+                context, attn = att.attend_projected(q, regions, prepared)  # (n, C), (n, R)
                 context = torch.sigmoid(gate) * context
-                if deferred:
-                    from_ctx = _StepLinear.apply(context, w_ctx, ctx_store)
-                else:
-                    from_ctx = context @ w_ctx.t()
+                from_ctx = from_ctx_linear(context) if deferred else context @ w_ctx.t()
                 gates = gates_in[t][:n] + from_ctx + hh  # (n, 4H)
             else:
                 context, attn = att(h, regions, prepared=prepared)  # (n, ctx)
                 context = torch.sigmoid(self.f_beta(h)) * context
                 gates = gates_in[t][:n] + context @ w_ctx.t() + h @ w_hh.t()  # (n, 4H)
-            i, f, g, o = gates.chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            h, c = lstm_update(gates, c)
             outs.append(h)
-            attns.append(attn if attn.dim() == 2 else attn.mean(1))
+            attns.append(average_heads(attn))  # (n, R)
         packed = torch.cat(outs)  # (P, H) time-major packed positions
         logits = self.fc(self.dropout(packed))  # (P, V)
         attn = torch.cat(attns)  # (P, R)

@@ -16,11 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captioner.models.attention import average_heads
 from captioner.models.decoder import StepDecoder
-
-
-def _heads_mean(attn: Tensor) -> Tensor:
-    return attn if attn.dim() == 2 else attn.mean(1)  # (B, R)
 
 
 def _log_probs(logits: Tensor) -> Tensor:
@@ -78,7 +75,7 @@ def greedy_search(
         nxt = logits.argmax(-1)
         nxt = nxt.masked_fill(finished, pad_id)
         tokens.append(nxt)
-        attns.append(_heads_mean(attn))  # (B, R)
+        attns.append(average_heads(attn))  # (B, R)
         finished |= nxt == eos_id
         last = nxt
         if finished.all():
@@ -166,7 +163,7 @@ def beam_search(
     for t in range(max_length):
         N = img.numel()
         logits, state, attn = decoder.step(last, state)  # (N*K, V)
-        attn = _heads_mean(attn)  # (N*K, R)
+        attn = average_heads(attn)  # (N*K, R)
         V = logits.size(-1)
         logp = _ban(_log_probs(logits), hist, t, eos_id, min_length, no_repeat_ngram_size)
         if t == 0:  # shapes and dtypes are known now
@@ -291,12 +288,8 @@ def sample(
     (EOS included).
     """
     B, S = features.size(0), num_samples
-    state = decoder.init_state(features)
-    if S > 1:  # one grid projection per image, shared by its samples
-        index = torch.arange(B, device=features.device).repeat_interleave(S)
-        static = set(decoder.static_state_keys)  # kept at one row per image
-        moving = {key: v for key, v in state.items() if key not in static}
-        state = {**state, **decoder.reorder_state(moving, index)}
+    # one grid projection per image, shared by its samples
+    state = decoder.expand_state(decoder.init_state(features), S)
     last = torch.full((B * S,), bos_id, dtype=torch.long, device=features.device)
     finished = torch.zeros(B * S, dtype=torch.bool, device=features.device)
     tokens, logps, masks = [], [], []

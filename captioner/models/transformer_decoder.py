@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captioner.models.decoder import StepDecoder
-from captioner.models.fusion import CoAttention
-from captioner.models.lstm_decoder import parse_fusion
+from captioner.models.fusion import CoAttention, parse_fusion
 
 FUSIONS = ("none", "coattention")
 

@@ -16,7 +16,6 @@ from captioner.metrics.cider import cider_d
 from captioner.metrics.text import tokenize
 from captioner.models.captioner import Captioner
 from captioner.models.encoder import encoder_param_groups
-from captioner.models.search import greedy_search, sample
 from captioner.training.schedules import build_scheduler, scheduled_sampling_prob
 from captioner.training.scst import CiderReward, rewards_and_baseline, self_critical_loss
 
@@ -42,13 +41,6 @@ def attention_penalty(attn: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return ((1.0 - coverage) ** 2).mean()
 
 
-def mix_tokens(gold: torch.Tensor, predicted: torch.Tensor, prob: float) -> torch.Tensor:
-    """Scheduled sampling: each gold input token (N,) is replaced by the model's prediction
-    with probability ``prob``."""
-    replace = torch.rand(gold.shape, device=gold.device) < prob
-    return torch.where(replace, predicted, gold)
-
-
 class CaptioningModule(L.LightningModule):
     """Args:
         model: the ``Captioner`` (encoder + decoder).
@@ -60,8 +52,8 @@ class CaptioningModule(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         scheduled_sampling: ``{start, increase, every, max_prob}`` (see
             ``schedules.scheduled_sampling_prob``; None or max_prob 0: off): teacher forcing
-            with some input tokens replaced by the model's own sampled predictions, the fraction
-            ramping per epoch.
+            with some input tokens replaced by the model's own sampled predictions (the model's
+            ``forward(..., ss_prob=)``), the fraction ramping per epoch.
         scst: ``{num_samples, baseline: greedy|mean, max_length, temperature}`` or None:
             self-critical training with the CIDEr-D reward instead of cross-entropy.
         image_size: the training image size, stored so that captioning resizes the same way.
@@ -115,10 +107,8 @@ class CaptioningModule(L.LightningModule):
         B, k, T = captions.shape
         tokens = captions.view(B * k, T)
         features = self.features(batch) if features is None else features
-        if ss_prob > 0:
-            logits, attn = self.scheduled_sampling_forward(features, tokens[:, :-1], ss_prob)
-        else:
-            logits, attn = self.model.decoder(features, tokens[:, :-1])  # (B*k, T-1, V), (B*k, T-1, R)
+        # (B*k, T-1, V), (B*k, T-1, R)
+        logits, attn = self.model(None, tokens[:, :-1], features=features, ss_prob=ss_prob)
         targets = tokens[:, 1:]
         loss = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
@@ -128,46 +118,22 @@ class CaptioningModule(L.LightningModule):
             loss = loss + self.alpha_c * attention_penalty(attn, targets != self.model.pad_id)
         return loss
 
-    def scheduled_sampling_forward(self, features: torch.Tensor, tokens: torch.Tensor,
-                                   prob: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing over the step interface (any decoder), where every input after BOS is,
-        with probability ``prob``, a token sampled from the model's previous output instead of
-        the ground truth. features (B, R, C), tokens (B*k, T) -> logits (B*k, T, V), attn
-        (B*k, T, R), like ``decoder(features, tokens)``."""
-        decoder = self.model.decoder
-        state = decoder.init_state(features)
-        k = tokens.size(0) // features.size(0)
-        if k > 1:  # the k captions of an image share its grid
-            index = torch.arange(features.size(0), device=features.device).repeat_interleave(k)
-            state = decoder.reorder_state(state, index)
-        logits, attns = [], []
-        inputs = tokens[:, 0]  # (B*k,) BOS
-        for t in range(tokens.size(1)):
-            if t > 0:
-                with torch.no_grad():  # the choice of input is not differentiated
-                    predicted = torch.multinomial(logits[-1].float().softmax(-1), 1).squeeze(1)
-                inputs = mix_tokens(tokens[:, t], predicted, prob)
-            step_logits, state, attn = decoder.step(inputs, state)  # (B*k, V)
-            logits.append(step_logits)
-            attns.append(attn if attn.dim() == 2 else attn.mean(1))  # (B*k, R)
-        return torch.stack(logits, 1), torch.stack(attns, 1)
-
     def self_critical_loss(self, batch: dict) -> torch.Tensor:
         """Sample ``num_samples`` captions per image, reward them with CIDEr-D against the image's
         references and reinforce those that beat the baseline (``training/scst.py``)."""
-        cfg, decoder, m = self.scst, self.model.decoder, self.model
+        cfg, decoder = self.scst, self.model.decoder
         features = self.features(batch)  # (B, R, C)
         image_ids = batch["image_ids"].tolist()
         # (B*S, L) image-major samples, log-probs with grad, real-position mask
-        tokens, logprobs, mask = sample(
-            decoder, features, m.bos_id, m.eos_id, m.pad_id, num_samples=cfg["num_samples"],
-            max_length=cfg["max_length"], temperature=cfg["temperature"],
+        tokens, logprobs, mask = self.model.sample(
+            features=features, num_samples=cfg["num_samples"], max_length=cfg["max_length"],
+            temperature=cfg["temperature"],
         )  # fmt: skip
         greedy = None
-        if cfg["baseline"] == "greedy":  # test-time inference: no dropout
+        if cfg["baseline"] == "greedy":  # test-time inference: no dropout, no length floor
             decoder.eval()
-            greedy_tokens, _ = greedy_search(decoder, features.detach(), m.bos_id, m.eos_id,
-                                             m.pad_id, max_length=cfg["max_length"])
+            greedy_tokens, _ = self.model.generate(features=features.detach(), method="greedy",
+                                                   max_length=cfg["max_length"], min_length=0)
             decoder.train()
             greedy = self.decode_tokens(greedy_tokens)
         reward, baseline = rewards_and_baseline(
