@@ -1,7 +1,7 @@
 """Training epoch time from cached encoder features vs from raw images, same data and decoder.
 
     python benchmarks/bench_features.py [--data flickr8k|rsicd|synthetic] [--epochs 3] [--threads 2]
-                                     [--decoder demo|sat] [--num-images 640] [--captions-per-image 5]
+                                     [--decoder demo|lstm_attention] [--num-images 640] [--captions-per-image 5]
                                      [--batch-size 16] [--precision fp32|bf16] [--encoder NAME]
 
 ``flickr8k`` / ``rsicd``: the first ``--num-images`` training photographs (224x224 JPEGs).
@@ -9,7 +9,7 @@
 read per 5 captions; 1: one random caption per image per epoch, the cheapest decoder epoch).
 
 Frozen pretrained EfficientNet-Lite0 (224 px, 7x7x1280 grid) + the project's attention LSTM
-(``demo``: embed 128, hidden 256, attention 128, the demo preset's size; ``sat``: 256/512/256).
+(``demo``: embed 128, hidden 256, attention 128, the demo preset's size; ``lstm_attention``: the lstm_attention config's 256/512/256).
 One training epoch = every training image once in batches of ``--batch-size`` (``--precision bf16``:
 encoder and decoder forward under bf16 autocast, as ``trainer.precision=bf16-mixed`` runs them): raw path = JPEG decode + resize
 in ``--workers`` loader processes, encoder forward (frozen, no gradients), teacher-forced loss,
@@ -94,7 +94,7 @@ def epoch(loader, encoder, decoder, optimizer, pad_id, bf16: bool) -> float:
 
 
 DECODERS = {"demo": dict(embed_dim=128, hidden_size=256, attention_dim=128),
-            "sat": dict(embed_dim=256, hidden_size=512, attention_dim=256)}
+            "lstm_attention": dict(embed_dim=256, hidden_size=512, attention_dim=256)}
 
 
 @torch.no_grad()

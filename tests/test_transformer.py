@@ -136,7 +136,8 @@ def test_experiment_presets_build(preset, decoder_cls, synthetic_root, tmp_path)
     model_cfg.update(vocab_size=30, pad_id=0, bos_id=1, eos_id=2)
     model = build_model(model_cfg)
     assert type(model.decoder).__name__ == decoder_cls
-    assert cfg.loss.alpha_c == (0.0 if preset == "transformer" else 1.0)
+    assert cfg.loss.alpha_c is None  # the decoder's own default applies
+    assert model.decoder.default_alpha_c == (0.0 if preset == "transformer" else 1.0)
     feats = model.encode(torch.randn(2, 3, 64, 64))
     assert feats.shape[:2] == (2, 16)  # layer3 of 64x64 images: a 4x4 grid
     tokens, _ = model.generate(features=feats, method="beam", beam_size=2, max_length=5)

@@ -22,6 +22,9 @@ from torch import Tensor, nn
 class StepDecoder(nn.Module):
     vocab_size: int
     static_state_keys: tuple[str, ...] = ()  # see the module docstring
+    # weight of the doubly stochastic attention penalty when the config leaves loss.alpha_c
+    # null: it belongs to Show, Attend and Tell's decoder, not to every decoder
+    default_alpha_c: float = 0.0
 
     def init_state(self, features: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -41,6 +41,8 @@ class LSTMDecoder(StepDecoder):
     - ``coattention+gated``: both. ``none`` (default) is plain Show, Attend and Tell.
     """
 
+    default_alpha_c = 1.0  # Show, Attend and Tell's doubly stochastic attention
+
     def __init__(
         self,
         vocab_size: int,

@@ -48,7 +48,8 @@ class CaptioningModule(L.LightningModule):
         model_config: the plain-data config that rebuilds ``model`` (saved in checkpoints).
         optimizer / scheduler: factories (Hydra ``_partial_``) taking params / optimizer.
         decode: generation settings for test; val_decode: for per-epoch validation metrics.
-        alpha_c: doubly stochastic attention regularisation (Show, Attend and Tell).
+        alpha_c: doubly stochastic attention regularisation (Show, Attend and Tell); None: the
+            decoder's ``default_alpha_c`` (1 for the LSTM-attention decoder, 0 for the Transformer).
         label_smoothing: cross-entropy label smoothing.
         scheduled_sampling: ``{start, increase, every, max_prob}`` (see
             ``schedules.scheduled_sampling_prob``; None or max_prob 0: off): teacher forcing
@@ -69,7 +70,7 @@ class CaptioningModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         decode: dict | None = None,
         val_decode: dict | None = None,
-        alpha_c: float = 1.0,
+        alpha_c: float | None = None,
         label_smoothing: float = 0.0,
         scheduled_sampling: dict | None = None,
         scst: dict | None = None,
@@ -81,7 +82,8 @@ class CaptioningModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.decode = dict(decode or {"method": "greedy", "max_length": 20})
         self.val_decode = dict(val_decode or self.decode)
-        self.alpha_c, self.label_smoothing = alpha_c, label_smoothing
+        self.alpha_c = model.decoder.default_alpha_c if alpha_c is None else alpha_c
+        self.label_smoothing = label_smoothing
         self.image_size = image_size
         self.scheduled_sampling = dict(scheduled_sampling) if scheduled_sampling else None
         self.scst = {"num_samples": 5, "baseline": "greedy", "max_length": 20, "temperature": 1.0,

@@ -90,6 +90,7 @@ TRAIN = {
     "optimizer.lr": number(above=0),
     "optimizer.weight_decay": number(low=0),
     "loss.label_smoothing": number(low=0, below=1),
+    "loss.alpha_c": number(low=0, null=True),
     **decode_rules("decode"),
     **decode_rules("val_decode"),
 }
