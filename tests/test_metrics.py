@@ -352,7 +352,7 @@ def test_bench_script_imports():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_metrics.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_metrics.py"
     spec = importlib.util.spec_from_file_location("bench_metrics", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
