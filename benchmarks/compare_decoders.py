@@ -42,23 +42,9 @@ VARIANTS = {
 
 def compose(overrides: list[str], output_dir: Path):
     """The train config as the CLI composes it, with the run directory set."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from captioner.utils.hydra import compose_config
 
-    from captioner.utils.hydra import CONFIG_DIR, register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_config("train", overrides, output_dir)
 
 
 def train_throughput(model, batch: dict, pad_id: int, steps: int) -> float:

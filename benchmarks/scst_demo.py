@@ -33,18 +33,15 @@ def train(out: Path, *overrides: str) -> Path:
 @torch.no_grad()
 def val_cider(ckpt: Path, data_overrides: list[str], **decode) -> float:
     """CIDEr-D (0-10) of a checkpoint's captions of the validation split."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from captioner.checkpoint import load_checkpoint
     from captioner.data.tokenizer import decode as decode_ids
     from captioner.metrics.cider import cider_d
     from captioner.metrics.text import tokenize
-    from captioner.utils.hydra import CONFIG_DIR, register_resolvers
+    from captioner.utils.hydra import compose_config
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", *data_overrides])
+    cfg = compose_config("train", ["experiment=demo", *data_overrides], ckpt.parents[1])
     model, tokenizer, _ = load_checkpoint(ckpt)
     dm = instantiate(cfg.data, num_workers=0)
     dm.set_tokenizer(tokenizer)
@@ -61,15 +58,14 @@ def bench_precision(steps: int, repeats: int) -> None:
     """Training steps (forward, backward, Adam) of the demo model on one synthetic batch in
     float32 and in bf16 autocast (what Lightning's precision=bf16-mixed runs), interleaved so
     that background load hits both alike."""
-    from hydra import compose, initialize_config_dir
+    import tempfile
+
     from omegaconf import OmegaConf
 
     from captioner.checkpoint import build_model
-    from captioner.utils.hydra import CONFIG_DIR, register_resolvers
+    from captioner.utils.hydra import compose_config
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo"])
+    cfg = compose_config("train", ["experiment=demo"], tempfile.mkdtemp())
     V = 40
     model_config = OmegaConf.to_container(cfg.model, resolve=True)
     model_config.update(vocab_size=V, pad_id=0, bos_id=1, eos_id=2)

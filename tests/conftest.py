@@ -7,12 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from captioner.utils.hydra import CONFIG_DIR, register_resolvers
+from captioner.utils.hydra import CONFIG_DIR, compose_config, register_resolvers  # noqa: F401
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 register_resolvers()
@@ -45,19 +41,6 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, num_train=24, num_val=8, num_test=8, image_size=32, seed=0)
     return root
-
-
-def compose_config(name: str, overrides: list[str], output_dir: Path):
-    """The real config from configs/, as the CLI composes it, with HydraConfig set so that
-    ${hydra:...} interpolations resolve."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from captioner.utils.errors import InputError
 
@@ -140,3 +140,24 @@ def exit_on_bad_input(log: logging.Logger | None):
             log.error("%s", message)
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+def compose_config(name: str, overrides: list[str], output_dir) -> DictConfig:
+    """The config ``name`` (train, eval) exactly as the CLI composes it from ``configs/``, for
+    scripts, notebooks and tests that run the library without Hydra's command line: the run
+    directory is ``output_dir`` and ``HydraConfig`` is set, so ``${hydra:...}`` resolves."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
