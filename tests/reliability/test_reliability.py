@@ -20,7 +20,7 @@ from captioner.training.checkpoint_io import AtomicCheckpointIO
 from captioner.utils.hydra import run_dir
 from captioner.utils.io import atomic_open, leftover_temp_files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # ReduceLROnPlateau with patience 0 and an unreachable threshold halves the LR after every
 # epoch but the first: a scheduler step lost on resume changes the result.
 EXACT = ["trainer.max_epochs=2", "trainer.limit_train_batches=2", "test=false",

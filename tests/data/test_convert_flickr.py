@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_flickr.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert_flickr.py"
 _spec = importlib.util.spec_from_file_location("convert_flickr", SCRIPT)
 cf = importlib.util.module_from_spec(_spec)
 sys.modules["convert_flickr"] = cf

@@ -11,7 +11,7 @@ import pytest
 from captioner.data.captions import write_coco_subset
 from tests.conftest import SHARED, compose_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RSICD = SHARED / "data" / "rsicd"
 
 

@@ -19,7 +19,7 @@ from captioner.cli.train import run as train_run
 from captioner.training.csv_logger import AppendingCSVLogger
 from captioner.utils.hydra import AmbiguousResume, run_to_resume
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def epoch_of(ckpt: Path) -> int:

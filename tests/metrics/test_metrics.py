@@ -352,7 +352,7 @@ def test_bench_script_imports():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_metrics.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_metrics.py"
     spec = importlib.util.spec_from_file_location("bench_metrics", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -384,7 +384,7 @@ def test_read_only_site_packages(tmp_path):
            f"if touch {pkg}/.rw_probe 2>/dev/null; then rm -f {pkg}/.rw_probe; exit 77; fi; "
            f"exec {sys.executable} {script}")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True,
-                          timeout=300, check=False, cwd=Path(__file__).resolve().parents[1])
+                          timeout=300, check=False, cwd=Path(__file__).resolve().parents[2])
     if proc.returncode == 77 or "unshare failed" in proc.stderr:
         pytest.skip("cannot create a read-only mount here")
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]

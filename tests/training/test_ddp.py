@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_MODEL
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from PIL import Image
 from captioner.cli import caption as caption_cli
 from captioner.cli.train import run as train_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

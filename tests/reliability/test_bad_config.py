@@ -11,7 +11,7 @@ from conftest import compose_config
 from captioner.cli.train import run as train_run
 from captioner.utils.config_schema import EVALUATE, TRAIN, ConfigValueError, check_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("override, key, allowed", [

@@ -19,7 +19,7 @@ from captioner.data.captions import CaptionDataError, read_coco, read_karpathy, 
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.images import ImageLoadError, load_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- images -------------------------------------------------------------------------------------
