@@ -49,6 +49,26 @@ class PauseInEpoch(L.Callback):
             Path(self.marker).touch()
             time.sleep(600)
 
+def pause_env() -> dict:
+    """The environment of a training subprocess that can load ``PauseInEpoch`` from here."""
+    here = str(Path(__file__).resolve().parent)
+    return {**os.environ, "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def kill_in_epoch(command: list[str], epoch: int, cwd: Path, env: dict, marker: Path) -> None:
+    """Run a training command until it is inside ``epoch`` (``PauseInEpoch``), then SIGKILL it."""
+    proc = subprocess.Popen(command + ["+callbacks.pause._target_=test_reliability.PauseInEpoch",
+                                       f"+callbacks.pause.epoch={epoch}",
+                                       f"+callbacks.pause.marker={marker}"],
+                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the training never reached the pause"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 
 def weights(ckpt) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
@@ -181,22 +201,13 @@ def test_runs_started_together_get_their_own_dirs_and_resume_reuses_its_dir(tmp_
 def test_sigkill_mid_epoch_then_resume_last_equals_uninterrupted_run(tmp_path, synthetic_root):
     base = [sys.executable, str(ROOT / "train.py"), f"data.root={synthetic_root}", *TINY_DATA,
             *TINY_MODEL, "trainer.accelerator=cpu", "~logger", "~callbacks.progress_bar", *EXACT]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = pause_env()
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     straight = subprocess.run(base, cwd=tmp_path / "a", env=env, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    marker = tmp_path / "paused"
-    proc = subprocess.Popen(base + ["+callbacks.pause._target_=test_reliability.PauseInEpoch",
-                                    "+callbacks.pause.epoch=1", f"+callbacks.pause.marker={marker}"],
-                            cwd=tmp_path / "b", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), "the training never reached the pause"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_in_epoch(base, 1, tmp_path / "b", env, tmp_path / "paused")
     (run,) = (tmp_path / "b" / "outputs" / "train" / "runs").iterdir()
     assert not (run / "metrics.json").exists()
 

@@ -5,15 +5,14 @@ ckpt_path=last never guesses between runs."""
 import csv
 import hashlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_DATA, TINY_MODEL, compose_config
+from test_reliability import kill_in_epoch, pause_env
 
 from captioner.cli.train import run as train_run
 from captioner.training.csv_logger import AppendingCSVLogger
@@ -127,18 +126,8 @@ def test_sigkill_mid_epoch_then_resume_keeps_config_and_metrics(tmp_path, synthe
     base = [f"data.root={synthetic_root}", *TINY_DATA, *TINY_MODEL, "trainer.accelerator=cpu",
             "trainer.max_epochs=2", "trainer.limit_train_batches=2", "test=false",
             "~logger.tensorboard", "~callbacks.progress_bar"]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    marker = tmp_path / "paused"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base,
-                             "+callbacks.pause._target_=test_reliability.PauseInEpoch",
-                             "+callbacks.pause.epoch=1", f"+callbacks.pause.marker={marker}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), "the training never reached the pause"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    env = pause_env()
+    kill_in_epoch([sys.executable, str(ROOT / "train.py"), *base], 1, tmp_path, env, tmp_path / "paused")
     (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
     original = (run / ".hydra" / "config.yaml").read_text()
     assert epoch_of(run / "checkpoints" / "last.ckpt") == 0 and csv_epochs(run) == {0}
