@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
-from captioner.data.feature_cache import _collate, _Images, cached_features  # noqa: E402
+from captioner.data.feature_cache import collate_images, ImageFiles, cached_features  # noqa: E402
 from captioner.data.images import build_transform  # noqa: E402
 from captioner.models.encoder import EfficientNetLiteEncoder, inference_copy  # noqa: E402
 from captioner.utils.cpu import keep_freed_memory  # noqa: E402
@@ -53,8 +53,8 @@ def image_paths(data: str, n: int) -> list[str]:
 
 
 def loader(paths, workers: int, batch: int) -> DataLoader:
-    return DataLoader(_Images(paths, build_transform(224), 10**8), batch_size=batch,
-                      num_workers=workers, collate_fn=_collate)
+    return DataLoader(ImageFiles(paths, build_transform(224), 10**8), batch_size=batch,
+                      num_workers=workers, collate_fn=collate_images)
 
 
 def run_pipeline(paths, model, workers: int, threads: int, batch: int) -> tuple[float, torch.Tensor]:
@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--data", default="flickr8k" if (SHARED / "flickr8k").is_dir() else "synthetic")
+    p.add_argument("--only", default="", help="run only the pipelines whose name contains this")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "extract.json"))
     args = p.parse_args()
     keep_freed_memory()
@@ -124,8 +125,12 @@ def main() -> None:
         "0 workers + 2 threads, batch 32": lambda: run_pipeline(paths, fast, 0, 2, 32),
         "1 worker + 2 threads, batch 64": lambda: run_pipeline(paths, fast, 1, 2, 64),
         "1 worker + 2 threads, batch 16": lambda: run_pipeline(paths, fast, 1, 2, 16),
-        "cached_features (2 workers, batch 32)": library(2, 32),
+        "0 workers + 2 threads, batch 16": lambda: run_pipeline(paths, fast, 0, 2, 16),
+        "0 workers + 2 threads, batch 64": lambda: run_pipeline(paths, fast, 0, 2, 64),
+        "cached_features (2 workers, batch 32): before": library(2, 32),
+        "cached_features (0 workers, batch 16): now": library(0, 16),
     }
+    variants = {k: v for k, v in variants.items() if args.only in k}
     times = {k: [] for k in variants}
     diffs = {}
     for r in range(args.rounds):

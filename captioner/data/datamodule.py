@@ -20,7 +20,7 @@ from captioner.data.feature_cache import FeatureCache, cached_features
 from captioner.data.folder import prepare_folder, split_by_hash
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, build_transform, load_image
 from captioner.data.tokenizer import encode, train_tokenizer
-from captioner.utils.hardware import auto_workers
+from captioner.utils.hardware import auto_workers, spare_cores
 
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()
@@ -129,11 +129,12 @@ class CaptionDataModule(L.LightningDataModule):
         captions_per_image: captions per image in a training batch (and eval loss).
         skip_bad_images: count and skip unreadable images instead of failing.
         cache_features: serve ``batch["features"]`` (B, R, C) from a disk cache of the frozen
-            encoder's grids instead of images. The encoder is the one given to ``set_encoder``,
-            else the training module's ``model.encoder`` (found through the trainer); with
-            neither (e.g. ``evaluate.py``) the loaders serve images as usual.
+            encoder's grids instead of images. The encoder is the one given to ``set_encoder``
+            (``train.py`` and ``evaluate.py`` give the model's); without one the loaders serve
+            images as usual.
         cache_dir: where cache entries live (one folder per encoder + transform + image list).
         cache_dtype: float32, or float16 for half the disk and page cache.
+        cache_batch_size: images per feature-extraction batch.
     """
 
     def __init__(
@@ -156,12 +157,14 @@ class CaptionDataModule(L.LightningDataModule):
         cache_features: bool = False,
         cache_dir: str = "feature_cache",
         cache_dtype: str = "float32",
+        cache_batch_size: int = 16,
     ):
         super().__init__()
         if cache_features and augment:
             raise ValueError("data.augment=true changes every epoch's images: it cannot be used "
                              "with data.cache_features=true")
         self.cache_features, self.cache_dir, self.cache_dtype = cache_features, cache_dir, cache_dtype
+        self.cache_batch_size = cache_batch_size
         self.encoder = None
         self.splits, self.root, self.synthetic, self.folder = dict(splits), root, synthetic, folder
         self.image_size, self.augment = image_size, augment
@@ -244,15 +247,21 @@ class CaptionDataModule(L.LightningDataModule):
             return self.num_workers
         return auto_workers(torch.get_num_threads())
 
+    def extract_workers(self) -> int:
+        """Image-decoding processes while extracting features: ``num_workers``, or (None) only
+        cores the compute threads leave free. Decoding a photo costs ~2 ms against ~35 ms of
+        encoder, so a worker that takes a core from the encoder's threads costs more than it
+        saves (benchmarks/bench_extract.py)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return spare_cores(torch.get_num_threads())
+
     def set_encoder(self, encoder) -> None:
         """The frozen encoder whose features ``cache_features`` serves."""
         self.encoder = encoder
 
     def _cache_encoder(self):
         encoder = self.encoder
-        if encoder is None and self.trainer is not None:
-            model = getattr(self.trainer.lightning_module, "model", None)
-            encoder = getattr(model, "encoder", None)
         if encoder is not None and (getattr(encoder, "trainable", True)
                                     or any(p.requires_grad for p in encoder.parameters())):
             raise ValueError(
@@ -269,8 +278,8 @@ class CaptionDataModule(L.LightningDataModule):
             return None
         return cached_features(
             encoder, self.table(split)["path"], build_transform(self.image_size), self.cache_dir,
-            name=split, dtype=self.cache_dtype, batch_size=self.eval_batch_size,
-            num_workers=self.workers(), max_pixels=self.max_pixels,
+            name=split, dtype=self.cache_dtype, batch_size=self.cache_batch_size,
+            num_workers=self.extract_workers(), max_pixels=self.max_pixels,
             skip_bad_images=self.skip_bad_images,
         )
 

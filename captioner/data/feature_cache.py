@@ -67,7 +67,7 @@ def cache_key(encoder: torch.nn.Module, transform, paths: list[str], dtype: str 
     return key, desc
 
 
-class _Images(Dataset):
+class ImageFiles(Dataset):
     def __init__(self, paths, transform, max_pixels):
         self.paths, self.transform, self.max_pixels = paths, transform, max_pixels
 
@@ -81,7 +81,7 @@ class _Images(Dataset):
             return str(e), False
 
 
-def _collate(items):
+def collate_images(items):
     ok = [v for _, v in items]
     errors = [x for x, v in items if not v]
     images = [x for x, v in items if v]
@@ -146,8 +146,8 @@ def _checked(fast, encoder, images, tol: float = 1e-3):
 def _extract(encoder, paths, transform, out: Path, dtype: str, batch_size: int,
              num_workers: int, max_pixels: int, skip_bad_images: bool, desc: str,
              precision: str = "fp32") -> None:
-    loader = DataLoader(_Images(paths, transform, max_pixels), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(ImageFiles(paths, transform, max_pixels), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate_images)
     device = next(encoder.parameters()).device
     fast = inference_copy(encoder)
     features = valid = None

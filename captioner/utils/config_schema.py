@@ -68,6 +68,7 @@ COMMON = {
     "data.batch_size": integer(1),
     "data.eval_batch_size": integer(1, null=True),
     "data.num_workers": integer(0, null=True),
+    "data.cache_batch_size": integer(1),
     "data.image_size": integer(1),
     "data.captions_per_image": integer(1),
     "data.max_caption_length": integer(1),

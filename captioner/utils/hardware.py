@@ -212,6 +212,11 @@ def auto_workers(threads: int) -> int:
     return max(1, min(4, cores - threads))
 
 
+def spare_cores(threads: int) -> int:
+    """Cores left beside ``threads`` compute threads (at most 4)."""
+    return max(0, min(4, usable_cores() - threads))
+
+
 def set_threads(threads: int | str | None = None) -> tuple[int, str]:
     """Apply ``threads`` (None or "auto": ``auto_threads()``) to torch's intra-op pool and,
     where still possible, its inter-op pool; returns (threads, reason)."""
