@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
-from captioner.data.feature_cache import collate_images, ImageFiles, cached_features  # noqa: E402
+from captioner.data.feature_cache import ImageFiles, cached_features, collate_images  # noqa: E402
 from captioner.data.images import build_transform  # noqa: E402
 from captioner.models.encoder import EfficientNetLiteEncoder, inference_copy  # noqa: E402
 from captioner.utils.cpu import keep_freed_memory  # noqa: E402
