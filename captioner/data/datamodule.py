@@ -119,8 +119,8 @@ class CaptionDataModule(L.LightningDataModule):
     """Args:
         splits: ``{train|val|test: {annotations, images, format: coco|karpathy, split}}``.
             A split may also carry ``fractions`` ({split: share}) and ``seed``: only the images
-            that ``data/folder.split_by_hash`` assigns to this split are kept (coco-mini splits
-            val2017 into val and test this way).
+            that ``data/folder.split_by_hash`` assigns to this split are kept (e.g. COCO's
+            val2017 split into val and test).
         synthetic: generator parameters; when set, ``prepare_data`` writes the embedded set
             into ``root`` (once; it is deterministic and idempotent).
         folder: ``{captions, out_dir, fractions, seed}`` for a user's folder of images: when set,

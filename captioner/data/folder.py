@@ -7,7 +7,7 @@ read with Hugging Face ``datasets``. ``file_name`` is relative to the folder.
 Splits are deterministic: images are ordered by a hash of ``seed`` and their file name and cut by
 ``fractions`` (exact counts, rounded; a split with a non-zero fraction that rounds to no image
 takes one from the largest split). The same rule, ``split_by_hash``, splits one COCO split into two
-(coco-mini's val2017 -> val + test).
+(e.g. COCO val2017 into val + test, as COCO has no public test captions).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""A user's folder of images + captions file -> deterministic COCO-style splits; coco-mini's
-val2017 split into val/test; the real data configs compose."""
+"""A user's folder of images + captions file -> deterministic COCO-style splits; Flickr8k's
+official split; the real data configs compose."""
 
 import json
 import shutil
@@ -72,15 +72,15 @@ def test_folder_config_trains_from_a_users_folder(tmp_path, synthetic_root):
     assert batch["images"].shape == (4, 3, 32, 32) and batch["captions"].shape[:2] == (4, 5)
 
 
-@pytest.mark.skipif(not (SHARED / "data" / "coco-mini").is_dir(), reason="needs ../shared")
-def test_coco_mini_val_test_split(tmp_path):
-    cfg = compose_config("train", ["data=coco_mini", f"data.root={SHARED / 'data' / 'coco-mini'}"],
+@pytest.mark.skipif(not (SHARED / "data" / "flickr8k").is_dir(), reason="needs ../shared")
+def test_flickr8k_config_reads_the_official_split(tmp_path):
+    cfg = compose_config("train", ["data=flickr8k", f"data.root={SHARED / 'data' / 'flickr8k'}"],
                          tmp_path)
     dm = instantiate(cfg.data)
-    val, test = ({r.image_id for r in dm._records(s)} for s in ("val", "test"))
-    assert (len(dm._records("train")), len(val), len(test)) == (80, 79, 80)
-    assert not val & test
-    assert 139 in test or 139 in val  # every val2017 photo lands in one of the two
+    ids = {s: {r.image_id for r in dm._records(s)} for s in ("train", "val", "test")}
+    assert [len(ids[s]) for s in ("train", "val", "test")] == [6000, 1000, 1000]
+    assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
+    assert all(len(r.captions) == 5 for r in dm._records("test"))
 
 
 @pytest.mark.slow
