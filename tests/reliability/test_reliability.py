@@ -51,8 +51,10 @@ class PauseInEpoch(L.Callback):
 
 def pause_env() -> dict:
     """The environment of a training subprocess that can load ``PauseInEpoch`` from here."""
-    here = str(Path(__file__).resolve().parent)
-    return {**os.environ, "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    here = Path(__file__).resolve().parent  # this module, and the conftest it imports
+    path = os.pathsep.join([str(here), str(here.parent), str(here.parents[1]),
+                            os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def kill_in_epoch(command: list[str], epoch: int, cwd: Path, env: dict, marker: Path) -> None:
