@@ -14,16 +14,13 @@ each other at every parallel region run slower than one.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from captioner.utils.cpu import usable_cores
-
-log = logging.getLogger(__name__)
 
 # Lightning's precision strings, plus "auto"
 TRAINER_PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true",
@@ -41,9 +38,6 @@ class PrecisionChoice:
     trainer: str
     decode: str
     reason: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def cpu_flags() -> set[str]:
@@ -202,19 +196,15 @@ def auto_threads() -> tuple[int, str]:
     return threads, reason
 
 
-def auto_workers(threads: int) -> int:
-    """Data-loader worker processes beside ``threads`` compute threads: the cores left over
-    (none on a 2-core machine running 2 threads would starve decoding, so at least 1 where
-    there are 2+ cores), at most 4."""
-    cores = usable_cores()
-    if cores < 2:
-        return 0
-    return max(1, min(4, cores - threads))
-
-
 def spare_cores(threads: int) -> int:
     """Cores left beside ``threads`` compute threads (at most 4)."""
     return max(0, min(4, usable_cores() - threads))
+
+
+def auto_workers(threads: int) -> int:
+    """Data-loader worker processes beside ``threads`` compute threads: the spare cores, but at
+    least 1 where there are 2+ cores (decoding in the training loop itself would stall it)."""
+    return 0 if usable_cores() < 2 else max(1, spare_cores(threads))
 
 
 def set_threads(threads: int | str | None = None) -> tuple[int, str]:
