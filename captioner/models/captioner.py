@@ -99,7 +99,7 @@ class Captioner(nn.Module):
             scope = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
         with scope:
             features = self._features(images, features)
-            if precision == "fp32":  # e.g. grids encoded under a caller's bf16 autocast
+            if precision == "fp32":  # e.g. features encoded under a caller's bf16 autocast
                 features = features.float()
             tokens, attn = generate(
                 self.decoder, features, bos_id=self.bos_id,
