@@ -77,7 +77,7 @@ def test_self_critical_training_raises_the_reward_on_real_captions():
 
     reward = CiderReward(refs)
     greedy_before, sampled_before = rewards(model, features, ids, reward, tokenizer)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(30):  # self-critical, mean baseline, as experiment=flickr8k_scst
         model.train()
         samples, logprobs, mask = model.sample(features=features, num_samples=5, max_length=16)
