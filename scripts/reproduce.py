@@ -1,6 +1,6 @@
 """make flickr8k / make rsicd: a published benchmark end to end, from the raw photos in ../shared.
 
-    python scripts/reproduce.py flickr8k|rsicd [--decoder lstm|transformer]
+    python scripts/reproduce.py flickr8k|rsicd [--decoder lstm_attention|transformer]
         [--encoder pretrained|random] [--no-scst] [--ce-epochs N] [--scst-epochs N]
         [--beams 1,3,5] [--out DIR] [train.py overrides ...]
 
@@ -54,7 +54,7 @@ BENCHMARKS = {
           {"bleu1": .670, "bleu2": .448, "bleu3": .299, "bleu4": .195, "meteor": .1893}),
          ("Show, Attend and Tell, hard attention (Xu et al. 2015)",
           {"bleu1": .670, "bleu2": .457, "bleu3": .314, "bleu4": .213, "meteor": .2030})],
-        {"lstm": ("flickr8k", "flickr8k_scst"),
+        {"lstm_attention": ("flickr8k", "flickr8k_scst"),
          "transformer": ("flickr8k_transformer", "flickr8k_transformer_scst")}),
     "rsicd": Benchmark(
         "RSICD, official test split (1,093 photos)",
@@ -64,7 +64,7 @@ BENCHMARKS = {
           {"bleu4": .301, "cider": .737}),
          ("RSGPT (13B), as cited by SkyEyeGPT (split not stated)",
           {"bleu4": .368, "meteor": .301, "rouge_l": .533, "cider": 1.029})],
-        {"lstm": ("rsicd", "rsicd_scst"),
+        {"lstm_attention": ("rsicd", "rsicd_scst"),
          "transformer": ("rsicd_transformer", "rsicd_transformer_scst")}),
 }
 
@@ -97,7 +97,7 @@ def row(name: str, metrics: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", choices=sorted(BENCHMARKS))
-    p.add_argument("--decoder", choices=["lstm", "transformer"], default="lstm")
+    p.add_argument("--decoder", choices=["lstm_attention", "transformer"], default="lstm_attention")
     p.add_argument("--encoder", choices=["pretrained", "random"], default="pretrained",
                    help="random: the same recipe on the preset's encoder randomly initialised")
     p.add_argument("--no-scst", action="store_true", help="cross-entropy only")
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
         test[name] = json.loads((eval_dir / "metrics_test.json").read_text())
     wall = time.time() - clock.start
 
-    label = f"captioner {'LSTM-attention' if args.decoder == 'lstm' else 'Transformer'}"
+    label = f"captioner {'LSTM-attention' if args.decoder == 'lstm_attention' else 'Transformer'}"
     label += " (random-init encoder)" if args.encoder == "random" else ""
     head = "| system | " + " | ".join(h for _, h in METRICS) + " |"
     table = [f"### {bench.title}", "", head, "|---" * (len(METRICS) + 1) + "|"]
