@@ -50,18 +50,20 @@ class Constraints:
 
     def ban(self, logp: Tensor, hist: Tensor, t: int) -> Tensor:
         """Set to -inf what is forbidden at step t. logp (M, V) log-probs or logits; hist (M, t)
-        the tokens generated so far by each row."""
+        the tokens generated so far by each row. One ``masked_fill`` with a mask built without
+        gradients, so sampling for self-critical training backprops through it cheaply."""
         if not self.active(t):
             return logp
-        logp = logp.clone()
+        M, V = logp.shape
+        banned = torch.zeros(M, V, dtype=torch.bool, device=logp.device)
         if t < self.min_length:
-            logp[:, self.eos_id] = float("-inf")
+            banned[:, self.eos_id] = True
         if self.unk_id is not None:
-            logp[:, self.unk_id] = float("-inf")
+            banned[:, self.unk_id] = True
         if len(self.bad_ending_ids) and t > 0:
-            bad = torch.zeros(logp.size(-1), dtype=torch.bool, device=logp.device)
+            bad = torch.zeros(V, dtype=torch.bool, device=logp.device)
             bad[list(self.bad_ending_ids)] = True  # (V,)
-            logp[:, self.eos_id] = logp[:, self.eos_id].masked_fill(bad[hist[:, -1]], float("-inf"))
+            banned[:, self.eos_id] |= bad[hist[:, -1]]
         n = self.no_repeat_ngram_size
         if n > 0 and t >= n:
             # a token is banned if the last n-1 tokens followed by it already occur earlier
@@ -71,9 +73,9 @@ class Constraints:
                 windows = hist.unfold(1, n - 1, 1)  # (M, t-n+2, n-1)
                 match = (windows[:, :-1] == windows[:, -1:]).all(-1)  # (M, t-n+1)
                 follow = hist[:, n - 1 :]  # (M, t-n+1) token after each window
-            hits = torch.zeros_like(logp).scatter_add_(1, follow, match.to(logp.dtype))  # (M, V)
-            logp = logp.masked_fill(hits > 0, float("-inf"))
-        return logp
+            hits = torch.zeros(M, V, device=logp.device).scatter_add_(1, follow, match.float())
+            banned |= hits > 0
+        return logp.masked_fill(banned, float("-inf"))
 
 
 @torch.no_grad()

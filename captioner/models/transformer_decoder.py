@@ -104,7 +104,9 @@ class TransformerDecoder(StepDecoder):
 
     Generation keeps a key/value cache in the state, so one step costs one token:
     ``self_k``/``self_v`` (B, L, H, t, d) grow by one position per step and ``cross_k``/``cross_v``
-    (B, L, H, R, d), the features' projections, are computed once in ``init_state``. With
+    (B, L, H, R, d), the features' projections, are computed once in ``init_state`` and stay at
+    one row per image (``static_state_keys``): the beams or samples of an image query them
+    together as one block, as in teacher forcing. With
     ``fusion=coattention`` the refined features differ at every step, so the state holds the features
     ``memory`` (B, R, D) and each layer's co-attention text cache ``co{l}_*`` instead.
 
@@ -154,6 +156,7 @@ class TransformerDecoder(StepDecoder):
         if tie_embeddings:
             self.head.weight = self.embedding.weight  # (V, D) both ways
         self.coattention = coattention
+        self.static_state_keys = () if coattention else ("cross_k", "cross_v")
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -217,9 +220,16 @@ class TransformerDecoder(StepDecoder):
     def step(self, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict, Tensor]:
         t = state["self_k"].size(3)
         x = self._embed(tokens[:, None], t)  # (B, 1, D)
+        # unbind once: L per-layer views whose backward is one stack, where indexing [:, i] per
+        # layer would zero-fill a cache-sized gradient L times (self-critical sampling backprops
+        # through every step)
+        self_k, self_v = state["self_k"].unbind(1), state["self_v"].unbind(1)  # L x (B, H, t, d)
+        if not self.coattention:
+            cross_k, cross_v = state["cross_k"].unbind(1), state["cross_v"].unbind(1)  # L x (m, H, R, d)
+            group = x.size(0) // cross_k[0].size(0)  # rows (beams, samples) per image
         new, ks, vs, attn = {}, [], [], None
         for i, layer in enumerate(self.layers):
-            out, (k, v) = layer.self_attention(x, (state["self_k"][:, i], state["self_v"][:, i]))
+            out, (k, v) = layer.self_attention(x, (self_k[i], self_v[i]))
             x = x + out
             ks.append(k)
             vs.append(v)
@@ -230,9 +240,10 @@ class TransformerDecoder(StepDecoder):
                 regions, co = layer.coattention.step(state["memory"], h[:, 0], co)  # (B, R, D)
                 new.update({prefix + n: s for n, s in co.items()})
                 mk, mv = layer.memory_kv(regions)  # (B, H, R, d)
+                out, w = layer.cross_attention(h, mk, mv, i == self.attention_layer)
             else:
-                mk, mv = state["cross_k"][:, i], state["cross_v"][:, i]
-            out, w = layer.cross_attention(h, mk, mv, i == self.attention_layer)
+                out, w = layer.cross_attention(h, cross_k[i], cross_v[i], i == self.attention_layer,
+                                               group)
             x = x + out
             x = x + layer.feed_forward(x)
             attn = w[:, :, 0] if w is not None else attn  # (B, H, R)

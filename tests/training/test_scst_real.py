@@ -1,6 +1,6 @@
 """Self-critical training raises the CIDEr-D reward on real captions (a small Flickr8k subset).
 
-A tiny LSTM-attention captioner is first fitted with cross-entropy on 32 real photos (frozen
+A tiny LSTM-attention captioner is first fitted with cross-entropy on 12 real photos (frozen
 ImageNet EfficientNet-Lite0 features), then trained with the self-critical loss and the
 leave-one-out mean baseline of the Flickr8k preset. The greedy captions' mean CIDEr-D against the
 photos' own references must rise, and so must the samples' reward."""
@@ -45,7 +45,7 @@ def rewards(model, features, ids, reward, tokenizer) -> tuple[float, float]:
 def test_self_critical_training_raises_the_reward_on_real_captions():
     torch.manual_seed(0)
     doc = json.loads((FLICKR8K / "annotations" / "captions_train.json").read_text())
-    images = sorted(doc["images"], key=lambda i: i["id"])[:32]
+    images = sorted(doc["images"], key=lambda i: i["id"])[:12]
     ids = [i["id"] for i in images]
     refs = {i: [] for i in ids}
     for a in doc["annotations"]:
@@ -54,14 +54,14 @@ def test_self_critical_training_raises_the_reward_on_real_captions():
     transform = build_transform(128)
     pixels = torch.stack([transform(load_image(FLICKR8K / "images" / i["file_name"])) for i in images])
     with torch.no_grad():
-        features = EfficientNetLiteEncoder().eval()(pixels)  # (32, 16, 1280)
+        features = EfficientNetLiteEncoder().eval()(pixels)  # (12, 16, 1280)
 
     tokenizer = train_tokenizer([c for cs in refs.values() for c in cs], min_frequency=2)
     captions = [encode(tokenizer, refs[i], 16) for i in ids]
     T = max(len(c) for cs in captions for c in cs)
     tokens = torch.tensor([c + [tokenizer.pad_token_id] * (T - len(c)) for cs in captions for c in cs])
     model = Captioner(
-        CachedFeatures(), partial(LSTMDecoder, embed_dim=64, hidden_size=128, attention_dim=64,
+        CachedFeatures(), partial(LSTMDecoder, embed_dim=32, hidden_size=64, attention_dim=32,
                                   dropout=0.0),
         len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
         unk_id=tokenizer.unk_token_id)
@@ -78,7 +78,7 @@ def test_self_critical_training_raises_the_reward_on_real_captions():
     reward = CiderReward(refs)
     greedy_before, sampled_before = rewards(model, features, ids, reward, tokenizer)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(30):  # self-critical, mean baseline, as experiment=flickr8k_scst
+    for _ in range(60):  # self-critical, mean baseline, as experiment=flickr8k_scst
         model.train()
         samples, logprobs, mask = model.sample(features=features, num_samples=5, max_length=16)
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in samples.tolist()]
@@ -88,5 +88,5 @@ def test_self_critical_training_raises_the_reward_on_real_captions():
         loss.backward()
         opt.step()
     greedy_after, sampled_after = rewards(model, features, ids, reward, tokenizer)
-    assert sampled_after > 1.15 * sampled_before, (sampled_before, sampled_after)
+    assert sampled_after > 1.2 * sampled_before, (sampled_before, sampled_after)
     assert greedy_after > greedy_before, (greedy_before, greedy_after)
