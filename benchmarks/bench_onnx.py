@@ -1,7 +1,7 @@
 """Captions per second: ONNX Runtime vs PyTorch, end to end (encoder + search), side by side.
 
     python benchmarks/bench_onnx.py [--checkpoint PATH] [--decoders lstm transformer]
-                                    [--batches 1 32] [--threads 2] [--rounds 3]
+                                    [--batches 1 32] [--images 32] [--threads 2] [--rounds 3]
 
 Without ``--checkpoint`` each decoder is the ``make demo`` architecture with random weights
 (ResNet-18 cut after layer2 on 48-pixel images: a 6x6x128 grid; LSTM-attention 128/256/128, or
@@ -76,7 +76,7 @@ def bench(name, model, onnx, image_size, args) -> list[dict]:
     rows = []
     decodes = {"greedy": {"method": "greedy"}, "beam 3": {"method": "beam", "beam_size": 3}}
     for batch in args.batches:
-        n = batch * args.batches_per_round
+        n = args.images
         images = torch.randn(n, 3, image_size, image_size)  # (n, 3, S, S)
         for label, decode in decodes.items():
             decode = {**decode, "max_length": args.max_length, "precision": "fp32"}
@@ -107,8 +107,8 @@ def main():
     p.add_argument("--checkpoint", type=Path, default=None, help="a trained checkpoint instead")
     p.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=list(DECODERS))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--batches-per-round", type=int, default=2,
-                   help="generate calls per timed round (images = batch x this)")
+    p.add_argument("--images", type=int, default=32,
+                   help="images captioned per timed round, in generate calls of each batch size")
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
