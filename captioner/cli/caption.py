@@ -1,4 +1,4 @@
-"""python caption.py image.jpg [more.jpg ...] [--checkpoint PATH] [--beam-size K]"""
+"""python caption.py image.jpg [more.jpg ...] [--checkpoint PATH | --onnx DIR] [--beam-size K]"""
 
 from __future__ import annotations
 
@@ -34,11 +34,21 @@ def positive_int(text: str) -> int:
 positive_int.__name__ = "integer >= 1"  # argparse names the type in its message
 
 
+def load_onnx(directory: Path, threads: int | None):
+    """An export directory as (model, tokenizer, payload), like ``load_checkpoint``."""
+    from captioner.export.onnx_runtime import load
+
+    model = load(directory, threads)
+    return model, model.tokenizer, {"decode": model.decode, "image_size": model.image_size}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="caption.py", description="Caption images with a trained checkpoint.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint (default: best of the newest run under outputs/train)")
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="an ONNX export directory (captioner-export) instead of a checkpoint")
     p.add_argument("--beam-size", type=positive_int, default=None, help="1 = greedy (default: checkpoint's)")
     p.add_argument("--max-length", type=positive_int, default=None)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
@@ -49,7 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", type=Path, default=None,
                    help="write a picture of the attention per word (one image only)")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.onnx is not None and args.checkpoint is not None:
+        p.error("--onnx and --checkpoint exclude each other")
+    return args
 
 
 def main(argv=None) -> int:
@@ -64,8 +77,10 @@ def main(argv=None) -> int:
     set_threads(args.threads)
 
     try:
-        ckpt = args.checkpoint or newest_checkpoint()
-        model, tokenizer, payload = load_checkpoint(ckpt)
+        if args.onnx is not None:
+            model, tokenizer, payload = load_onnx(args.onnx, args.threads)
+        else:
+            model, tokenizer, payload = load_checkpoint(args.checkpoint or newest_checkpoint())
         decode = decode_settings(payload["decode"])
         if args.beam_size is not None:
             decode.update(method="greedy" if args.beam_size == 1 else "beam", beam_size=args.beam_size)
@@ -75,7 +90,7 @@ def main(argv=None) -> int:
             decode["precision"] = args.precision
         results = caption_files(model, tokenizer, args.images, payload["image_size"], decode,
                                 args.batch_size)
-    except InputError as e:  # bad checkpoint: one line naming it, nothing written
+    except InputError as e:  # bad checkpoint or export: one line naming it, nothing written
         print(f"error: {e}", file=sys.stderr)
         return 2
     for r in results:  # every readable image is captioned; each bad one gets its own line
