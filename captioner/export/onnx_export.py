@@ -154,7 +154,8 @@ def export_model(model, tokenizer, decode: dict, image_size: int, out: Path, ops
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "opset": opset,
         "files": FILES,
-        "special_ids": {"pad": model.pad_id, "bos": model.bos_id, "eos": model.eos_id},
+        "special_ids": {"pad": model.pad_id, "bos": model.bos_id, "eos": model.eos_id,
+                        "unk": model.unk_id, "bad_endings": list(model.bad_ending_ids)},
         "vocab_size": dec.vocab_size,
         "decode": {k: v for k, v in decode.items() if k != "precision"},
         "preprocess": {"image_size": image_size, "resize": "bilinear, antialias", "scale": 1 / 255,

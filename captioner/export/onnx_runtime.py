@@ -125,6 +125,8 @@ class OnnxCaptioner:
         self.decoder = OnnxStepDecoder(sessions["init_state"], sessions["step"], config)
         ids = config["special_ids"]
         self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        # the search's bans, as ``Captioner._bans`` (absent from exports made before them)
+        self.unk_id, self.bad_ending_ids = ids.get("unk"), list(ids.get("bad_endings", ()))
         self.image_size = config["preprocess"]["image_size"]
         self.decode = dict(config["decode"])
 
@@ -136,16 +138,19 @@ class OnnxCaptioner:
 
     @torch.no_grad()
     def generate(self, images: Tensor | None = None, features: Tensor | None = None,
-                 precision: str | None = None, **decode) -> tuple[Tensor, Tensor]:
-        """Token ids (B, L) and attention (B, L, R), as ``Captioner.generate``. The graphs are
-        float32: ``precision`` may only be None, ``auto`` or ``fp32``."""
+                 precision: str | None = None, ban_unk: bool = True, ban_bad_endings: bool = True,
+                 **decode) -> tuple[Tensor, Tensor]:
+        """Token ids (B, L) and attention (B, L, R), as ``Captioner.generate`` (with its bans).
+        The graphs are float32: ``precision`` may only be None, ``auto`` or ``fp32``."""
         if precision not in (None, "auto", "fp32"):
             raise OnnxLoadError(f"precision {precision!r}: an ONNX export runs in fp32 only")
         if (images is None) == (features is None):
             raise ValueError("pass exactly one of images and features")
         features = self.encode(images) if features is None else features  # (B, R, C)
         return search_generate(self.decoder, features, bos_id=self.bos_id, eos_id=self.eos_id,
-                               pad_id=self.pad_id, **decode)
+                               pad_id=self.pad_id, unk_id=self.unk_id if ban_unk else None,
+                               bad_ending_ids=self.bad_ending_ids if ban_bad_endings else (),
+                               **decode)
 
     def caption_files(self, paths: list, batch_size: int = 16, **decode) -> list[dict]:
         """``captioner.inference.caption_files`` with this model and its decoding defaults."""
