@@ -69,7 +69,8 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, images: Tensor | None = None, features: Tensor | None = None,
                  precision: str | None = None, **decode):
-        """Token ids (B, L) (no BOS, EOS kept, pad after) and attention (B, L, R).
+        """Token ids (B, L) (no BOS, EOS kept, pad after) and attention (B, L, R); with
+        ``num_return=N`` also the N best hypotheses and their scores (``search.generate``).
 
         ``precision``: ``"auto"`` the fast one for this device (``utils.hardware``: bf16 only
         where it is native), ``"bf16"`` / ``"fp16"`` encoder and search under that autocast
@@ -88,8 +89,9 @@ class Captioner(nn.Module):
             features = self._features(images, features)
             if precision == "fp32":  # e.g. grids encoded under a caller's bf16 autocast
                 features = features.float()
-            tokens, attn = generate(
+            tokens, attn, *scores = generate(
                 self.decoder, features, bos_id=self.bos_id,
                 eos_id=self.eos_id, pad_id=self.pad_id, **decode,
             )  # fmt: skip
-        return tokens, attn.float()
+        # scores only with ``num_return`` (``search.generate``): tokens (B, N, L), scores (B, N)
+        return (tokens, attn.float(), *(s.float() for s in scores))
