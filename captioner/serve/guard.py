@@ -3,10 +3,12 @@
 LitServe parses the body of ``POST /caption`` itself (JSON or a multipart form) and answers
 anything it cannot parse with a 500; this ASGI middleware makes those 4xx with one line, and
 bounds memory: a body over ``max_body_bytes`` is refused from its ``Content-Length`` or as soon
-as the bytes read pass the limit, never held whole. A checked body is replayed to LitServe."""
+as the bytes read pass the limit, never held whole (the rest is read and dropped, so the client
+gets the answer). A checked body is replayed to LitServe."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.requests import Request
@@ -23,9 +25,9 @@ class _Refused(Exception):
 
 class RequestGuard:
     def __init__(self, app, path: str = "/caption", max_body_bytes: int = 20 << 20,
-                 max_form_fields: int = 16):
+                 max_form_fields: int = 16, linger_s: float = 10.0):
         self.app, self.path, self.max_body = app, path, max_body_bytes
-        self.max_form_fields = max_form_fields
+        self.max_form_fields, self.linger_s = max_form_fields, linger_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
@@ -56,6 +58,7 @@ class RequestGuard:
         length = headers.get("content-length")
         limit = f"over the limit of {self.max_body} bytes (--max-body-mb)"
         if length is not None and length.isdigit() and int(length) > self.max_body:
+            await self._discard(receive)
             raise _Refused(413, f"body of {int(length)} bytes is {limit}")
         chunks, size = [], 0
         while True:
@@ -65,6 +68,9 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
+                chunks.clear()
+                if message.get("more_body", False):
+                    await self._discard(receive)
                 raise _Refused(413, f"body is {limit}")
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -82,6 +88,22 @@ class RequestGuard:
         else:
             await self._check_form(scope, body)
         return body
+
+    async def _discard(self, receive) -> None:
+        """Read the rest of a refused body without keeping it, for at most ``linger_s``: a
+        client sends its whole body before it reads the answer, and closing the connection on
+        unread bytes resets it, losing the answer (nginx's lingering close does the same)."""
+
+        async def drain():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+
+        try:
+            await asyncio.wait_for(drain(), self.linger_s)
+        except asyncio.TimeoutError:
+            pass  # a client still sending: the answer goes out and the connection closes
 
     async def _check_form(self, scope, body: bytes) -> None:
         async def once():

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 
 
 def free_port() -> int:
@@ -19,9 +20,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Served:
+    url: str  # http://127.0.0.1:PORT
+    pid: int  # the server's main process (its workers are its children)
+
+
 @contextlib.contextmanager
-def served(args: list[str], timeout: float = 120.0, log=None):
-    """Run the server with ``args`` on a free loopback port; yields its base URL once
+def served(args: list[str], timeout: float = 300.0, log=None):
+    """Run the server with ``args`` on a free loopback port; yields ``Served`` once
     ``/health`` answers 200. On exit: SIGTERM (the CLI turns it into LitServe's graceful
     shutdown), then SIGKILL to the server's process group if anything lingers. ``log``: a file
     for its output (default: dropped)."""
@@ -42,7 +49,7 @@ def served(args: list[str], timeout: float = 120.0, log=None):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not healthy after {timeout:.0f} s")
             time.sleep(0.2)
-        yield url
+        yield Served(url, proc.pid)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

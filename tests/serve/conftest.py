@@ -35,7 +35,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint, tmp_path_factory):
-    """Base URL of a server with batching on (up to 8 requests, 20 ms), small limits so the
+    """``launch.Served`` (``url``, ``pid``) of a server with batching on (up to 8 requests, 20 ms), small limits so the
     hostile tests stay fast: 2 MB bodies, 4 Mpixel photos, 50 frames."""
     from captioner.serve.launch import served
 
@@ -44,7 +44,7 @@ def server(tiny_checkpoint, tmp_path_factory):
         "--checkpoint", str(tiny_checkpoint), "--max-batch-size", "8", "--batch-timeout-ms", "20",
         "--threads", "1", "--max-body-mb", "2", "--max-pixels", "4000000", "--max-frames", "50",
         "--log-level", "error",
-    ], log=f) as url:
-        yield url
+    ], log=f) as served_server:
+        yield served_server
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]

@@ -14,6 +14,7 @@ from captioner.inference import caption_files, decode_settings
 
 
 def test_health_info_page_and_openapi(server):
+    server = server.url
     assert httpx.get(server + "/health").text == "ok"
     model = httpx.get(server + "/info").json()["model"]
     assert model["vocab_size"] > 4 and model["encoder"]["name"] == "resnet18"
@@ -29,6 +30,7 @@ def test_health_info_page_and_openapi(server):
 
 
 def test_multipart_and_json_give_the_caption_caption_py_gives(server, tiny_checkpoint, tmp_path):
+    server = server.url
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(jpeg(80, 60, "blue"))
     model, tok, payload = load_checkpoint(tiny_checkpoint)
@@ -46,6 +48,7 @@ def test_multipart_and_json_give_the_caption_caption_py_gives(server, tiny_check
 
 
 def test_options_alternatives_and_attention(server):
+    server = server.url
     r = httpx.post(server + "/caption", files={"image": ("a.jpg", jpeg())}, timeout=60,
                    data={"beam_size": "4", "max_length": "5", "alternatives": "3",
                          "attention": "true"})
@@ -66,6 +69,7 @@ def test_options_alternatives_and_attention(server):
 
 
 def test_requests_arriving_together_share_one_batched_search(server):
+    server = server.url
     async def burst():
         async with httpx.AsyncClient(base_url=server, timeout=60) as client:
             return await asyncio.gather(*[
