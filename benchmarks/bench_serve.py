@@ -118,6 +118,8 @@ def main() -> int:
     p.add_argument("--batch-timeout-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of both servers (default: threads=auto, decided once)")
+    p.add_argument("--start-timeout", type=float, default=300.0,
+                   help="seconds a server may take to load (a busy machine needs more)")
     p.add_argument("--out", default="bench_results/serve.json")
     args = p.parse_args()
 
@@ -137,8 +139,9 @@ def main() -> int:
                 "unbatched": ["--max-batch-size", "1"]}
         rows = []
         logs = {name: open(Path(tmp) / f"{name}.log", "w") for name in arms}
-        with served(common + arms["batched"], log=logs["batched"]) as batched, \
-                served(common + arms["unbatched"], log=logs["unbatched"]) as unbatched:
+        wait = args.start_timeout
+        with served(common + arms["batched"], wait, logs["batched"]) as batched, \
+                served(common + arms["unbatched"], wait, logs["unbatched"]) as unbatched:
             urls = {"batched": batched.url, "unbatched": unbatched.url}
             for i, clients in enumerate(args.levels):
                 order = ["batched", "unbatched"] if i % 2 == 0 else ["unbatched", "batched"]

@@ -69,7 +69,7 @@ def greedy_search(
     state = decoder.init_state(features)
     last = torch.full((B,), bos_id, dtype=torch.long, device=features.device)
     finished = torch.zeros(B, dtype=torch.bool, device=features.device)
-    score = features.new_zeros(B, dtype=torch.float32)
+    score = None  # (B,), in the dtype of the log-probs (float32 at least)
     tokens, attns = [], []
     for t in range(max_length):
         logits, state, attn = decoder.step(last, state)  # (B, V)
@@ -78,7 +78,8 @@ def greedy_search(
             logits = _ban(_log_probs(logits), hist, t, eos_id, min_length, no_repeat_ngram_size)
         nxt = logits.argmax(-1)
         if return_scores:  # logits are log-probs here
-            score += logits.gather(1, nxt[:, None]).squeeze(1).float().masked_fill(finished, 0.0)
+            step_logp = logits.gather(1, nxt[:, None]).squeeze(1).masked_fill(finished, 0.0)
+            score = step_logp if score is None else score + step_logp
         nxt = nxt.masked_fill(finished, pad_id)
         tokens.append(nxt)
         attns.append(average_heads(attn))  # (B, R)
@@ -87,6 +88,8 @@ def greedy_search(
         if finished.all():
             break
     if return_scores:
+        if score is None:  # max_length 0
+            score = features.new_zeros(B, dtype=torch.float32)
         return torch.stack(tokens, 1), torch.stack(attns, 1), score
     return torch.stack(tokens, 1), torch.stack(attns, 1)
 
