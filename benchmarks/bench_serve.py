@@ -8,8 +8,9 @@ to ``--batch`` requests that arrive within ``--batch-timeout-ms``, one with batc
 (``--max-batch-size 1``). For each number of concurrent clients, a local async client (httpx)
 keeps that many requests in flight against each server in turn (the order alternates between
 levels, so drift on a shared machine hits both) for ``--seconds`` or ``--max-requests``, whichever
-comes first, and reports throughput and p50/p99 latency. Every request uploads the same 320x240
-JPEG photo as a multipart form; a request that is not answered 200 counts as failed.
+comes first, and reports throughput, p50/p99 latency and the servers' CPU time per caption (all
+their processes; on a shared machine this inflates far less than wall time). Every request
+uploads the same 320x240 JPEG photo as a multipart form; one not answered 200 counts as failed.
 
 Without ``--checkpoint`` it writes an untrained checkpoint of realistic size: a ResNet-18 cut
 after layer2 (64 px photos: an 8x8 grid of 128 channels) and the default Show-Attend-Tell decoder
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -56,6 +58,29 @@ def write_checkpoint(path: Path, vocab: int, image_size: int, beam: int, max_len
     return {"encoder": "ResNet-18 to layer2, untrained", "image_size": image_size,
             "decoder": "LSTMDecoder 256/512/256, untrained", "vocab": len(tok), "beam": beam,
             "max_length": max_length, "parameters": sum(p.numel() for p in net.parameters())}
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its descendants so far (Linux /proc): the
+    servers' work per caption, which other processes on a shared machine inflate far less than
+    wall time."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        if p in stats:
+            total += int(stats[p][11]) + int(stats[p][12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def photo_bytes() -> bytes:
@@ -142,15 +167,21 @@ def main() -> int:
         wait = args.start_timeout
         with served(common + arms["batched"], wait, logs["batched"]) as batched, \
                 served(common + arms["unbatched"], wait, logs["unbatched"]) as unbatched:
-            urls = {"batched": batched.url, "unbatched": unbatched.url}
+            servers = {"batched": batched, "unbatched": unbatched}
             for i, clients in enumerate(args.levels):
                 order = ["batched", "unbatched"] if i % 2 == 0 else ["unbatched", "batched"]
                 for name in order:
-                    row = asyncio.run(load(urls[name], clients, args.seconds, args.max_requests, photo))
+                    cpu = tree_cpu_seconds(servers[name].pid)
+                    row = asyncio.run(load(servers[name].url, clients, args.seconds,
+                                           args.max_requests, photo))
+                    # per answered request, the warm-up requests (one per client) included
+                    cpu = tree_cpu_seconds(servers[name].pid) - cpu
+                    row["server_cpu_ms_per_caption"] = 1000 * cpu / (row["requests"] + clients)
                     row["server"] = name
                     rows.append(row)
                     print(f"  {name:<10} {clients:>3} clients: {row['throughput']:6.1f} captions/s, "
                           f"p50 {row['p50_ms']:7.1f} ms, p99 {row['p99_ms']:7.1f} ms, "
+                          f"server CPU {row['server_cpu_ms_per_caption']:.0f} ms/caption, "
                           f"failed {row['failed']}", flush=True)
         for f in logs.values():
             f.close()
@@ -161,14 +192,17 @@ def main() -> int:
     print(f"model: {model}; server threads: {threads}; batching: up to {args.batch} requests "
           f"within {args.batch_timeout_ms:g} ms")
     print(f"{'clients':>7} | {'batched/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'batch':>5} | "
-          f"{'unbatched/s':>11} {'p50 ms':>8} {'p99 ms':>8} | {'speed-up':>8} | failed")
+          f"{'unbatched/s':>11} {'p50 ms':>8} {'p99 ms':>8} | {'speed-up':>8} | "
+          f"{'CPU ms/caption':>14} | failed")
     ratios = {}
     for clients in args.levels:
         b, u = by[("batched", clients)], by[("unbatched", clients)]
         ratios[clients] = b["throughput"] / u["throughput"]
         print(f"{clients:>7} | {b['throughput']:>9.1f} {b['p50_ms']:>8.1f} {b['p99_ms']:>8.1f} "
               f"{b['mean_batch']:>5.1f} | {u['throughput']:>11.1f} {u['p50_ms']:>8.1f} "
-              f"{u['p99_ms']:>8.1f} | {ratios[clients]:>7.2f}x | {b['failed'] + u['failed']}")
+              f"{u['p99_ms']:>8.1f} | {ratios[clients]:>7.2f}x | "
+              f"{b['server_cpu_ms_per_caption']:>6.0f} / {u['server_cpu_ms_per_caption']:<5.0f} | "
+              f"{b['failed'] + u['failed']}")
     failed = sum(r["failed"] for r in rows)
     verdict = ratios.get(16, 0) >= 3 and failed == 0
     print(f"16 clients: {ratios.get(16, float('nan')):.2f}x the throughput with batching off, "

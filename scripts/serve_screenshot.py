@@ -38,7 +38,8 @@ def main() -> int:
         if photo is None:
             photo = Path(tmp) / "scene.png"
             render(make_scene(np.random.default_rng(args.seed), image_size=320)).save(photo)
-        with served(["--checkpoint", args.checkpoint]) as server, sync_playwright() as pw:
+        with served(["--checkpoint", args.checkpoint], timeout=1500) as server, \
+                sync_playwright() as pw:
             browser = pw.chromium.launch_persistent_context(
                 str(Path(tmp) / "profile"), executable_path=shutil.which("chromium"),
                 headless=True, args=ARGS, viewport={"width": 1000, "height": 560})

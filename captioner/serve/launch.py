@@ -27,7 +27,7 @@ class Served:
 
 
 @contextlib.contextmanager
-def served(args: list[str], timeout: float = 300.0, log=None):
+def served(args: list[str], timeout: float = 600.0, log=None):
     """Run the server with ``args`` on a free loopback port; yields ``Served`` once
     ``/health`` answers 200. On exit: SIGTERM (the CLI turns it into LitServe's graceful
     shutdown), then SIGKILL to the server's process group if anything lingers. ``log``: a file
