@@ -13,8 +13,8 @@ from captioner.checkpoint import load_checkpoint
 from captioner.inference import caption_files, decode_settings
 
 
-def test_health_info_page_and_openapi(server):
-    server = server.url
+def test_health_info_page_and_openapi(caption_server):
+    server = caption_server.url
     assert httpx.get(server + "/health").text == "ok"
     model = httpx.get(server + "/info").json()["model"]
     assert model["vocab_size"] > 4 and model["encoder"]["name"] == "resnet18"
@@ -29,11 +29,11 @@ def test_health_info_page_and_openapi(server):
     assert {"CaptionJSON", "CaptionUpload", "CaptionResponse"} <= set(spec["components"]["schemas"])
 
 
-def test_multipart_and_json_give_the_caption_caption_py_gives(server, tiny_checkpoint, tmp_path):
-    server = server.url
+def test_multipart_and_json_give_the_caption_caption_py_gives(caption_server, serve_checkpoint, tmp_path):
+    server = caption_server.url
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(jpeg(80, 60, "blue"))
-    model, tok, payload = load_checkpoint(tiny_checkpoint)
+    model, tok, payload = load_checkpoint(serve_checkpoint)
     expected = caption_files(model, tok, [photo], payload["image_size"],
                              decode_settings(payload["decode"]))[0]
     upload = httpx.post(server + "/caption", files={"image": ("photo.jpg", photo.read_bytes())},
@@ -47,8 +47,8 @@ def test_multipart_and_json_give_the_caption_caption_py_gives(server, tiny_check
         assert body["image"] == {"width": 80, "height": 60} and "attention" not in body
 
 
-def test_options_alternatives_and_attention(server):
-    server = server.url
+def test_options_alternatives_and_attention(caption_server):
+    server = caption_server.url
     r = httpx.post(server + "/caption", files={"image": ("a.jpg", jpeg())}, timeout=60,
                    data={"beam_size": "4", "max_length": "5", "alternatives": "3",
                          "attention": "true"})
@@ -68,8 +68,8 @@ def test_options_alternatives_and_attention(server):
     assert greedy["settings"]["beam_size"] == 1 and len(greedy["alternatives"]) == 1
 
 
-def test_requests_arriving_together_share_one_batched_search(server):
-    server = server.url
+def test_requests_arriving_together_share_one_batched_search(caption_server):
+    server = caption_server.url
     async def burst():
         async with httpx.AsyncClient(base_url=server, timeout=60) as client:
             return await asyncio.gather(*[

@@ -90,12 +90,12 @@ def _tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def test_hostile_requests_interleaved_with_valid_ones(server):
+def test_hostile_requests_interleaved_with_valid_ones(caption_server):
     cases = list(hostile_requests().items())
-    rss_before = _tree_rss_mb(server.pid)
+    rss_before = _tree_rss_mb(caption_server.pid)
 
     async def fire():
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=caption_server.url, timeout=120) as client:
             sent = []  # (name, expected status or None for a valid request, request)
             for i, (name, (status, kwargs)) in enumerate(cases):
                 sent.append((name, status, client.post("/caption", **kwargs)))
@@ -117,9 +117,9 @@ def test_hostile_requests_interleaved_with_valid_ones(server):
         assert isinstance(detail, str) and detail and "\n" not in detail, (name, detail)
         assert "Traceback" not in detail and 'File "' not in detail, (name, detail)
     assert sum(status is None for _, status, _ in answers) == (len(cases) + 1) // 2
-    assert httpx.get(server.url + "/health").text == "ok"
-    ok = httpx.post(server.url + "/caption", files={"image": ("last.jpg", jpeg())}, timeout=60)
+    assert httpx.get(caption_server.url + "/health").text == "ok"
+    ok = httpx.post(caption_server.url + "/caption", files={"image": ("last.jpg", jpeg())}, timeout=60)
     assert ok.status_code == 200
     # nothing of the 100 MB bodies or the 400-Mpixel bomb stayed (or was ever held whole)
-    grown = _tree_rss_mb(server.pid) - rss_before
+    grown = _tree_rss_mb(caption_server.pid) - rss_before
     assert grown < 150, f"server memory grew by {grown:.0f} MB"

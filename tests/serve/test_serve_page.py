@@ -38,7 +38,7 @@ HEAT = """() => {  // the overlay's summed alpha and its largest alpha
 }"""
 
 
-def test_page_captions_a_photo_and_shows_attention_on_hover(server, tmp_path):
+def test_page_captions_a_photo_and_shows_attention_on_hover(caption_server, tmp_path):
     executable = chromium_path()
     if executable is None:
         reason = "chromium not found (Debian: apt-get install chromium; make test installs it)"
@@ -56,7 +56,7 @@ def test_page_captions_a_photo_and_shows_attention_on_hover(server, tmp_path):
             page = browser.new_page()
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url + "/")
+            page.goto(caption_server.url + "/")
             page.wait_for_function("document.getElementById('model-line').textContent.includes('vocabulary')")
             page.set_input_files("#file", str(photo(tmp_path / "shapes.jpg")))
             page.wait_for_selector("#caption .word", timeout=60_000)

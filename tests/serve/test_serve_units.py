@@ -76,8 +76,8 @@ def test_a_bad_request_is_answered_alone_and_its_batch_goes_on():
     assert api.encode_response(api.predict(api.decode_request({"image": red})))["caption"] == "red"
 
 
-def test_torch_model_handle(tiny_checkpoint):
-    model = TorchCaptionModel(tiny_checkpoint)
+def test_torch_model_handle(serve_checkpoint):
+    model = TorchCaptionModel(serve_checkpoint)
     assert model.info["grid"] == [4, 4] and model.info["decode"]["beam_size"] == 3
     images = [Image.new("RGB", (50, 30), c) for c in ("red", "blue")]
     out = model(images, DecodeSettings(beam_size=4, max_length=6, alternatives=2, attention=True))
