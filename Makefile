@@ -1,13 +1,14 @@
 # make demo   — install, generate the embedded data, train, evaluate, caption one image
 # make test   — install (and Debian's chromium for the browser test), run the default test suite
-# make rsicd  — the RSICD benchmark (../shared/data/rsicd): cache, train, self-critical, test
+# make flickr8k — the Flickr8k benchmark (../shared/data/flickr8k): cache, train, self-critical, select on val, test
+# make rsicd    — the RSICD benchmark (../shared/data/rsicd), the same stages
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow lint bench rsicd clean chromium
+.PHONY: install demo test test-slow lint bench flickr8k rsicd clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+flickr8k: $(STAMP)
+	$(PY) scripts/reproduce.py flickr8k $(ARGS)
+
 rsicd: $(STAMP)
-	$(PY) scripts/rsicd.py $(ARGS)
+	$(PY) scripts/reproduce.py rsicd $(ARGS)
 
 # the web page's browser test drives Debian's chromium (Playwright downloads no browser); where
 # it cannot be installed the test skips, except under CI=true, where it fails

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.data.tokenizer import tokenizer_from_json, tokenizer_to_json
+from captioner.data.tokenizer import tokenizer_from_json, tokenizer_to_json, with_vocabulary
 from captioner.utils.errors import InputError
 
 FORMAT_VERSION = 1
@@ -112,15 +112,20 @@ def load_checkpoint(path, map_location="cpu"):
     ckpt = read_checkpoint(path, map_location)
     payload = ckpt[KEY]
     try:
-        model = build_model(payload["model_config"])
+        tokenizer = tokenizer_from_json(payload["tokenizer"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: stored tokenizer does not load ({type(e).__name__}: {e})") from None
+    config = payload["model_config"]
+    if isinstance(config, dict) and "unk_id" not in config:
+        # saved before the search banned <unk> and bad endings: their ids come from its tokenizer
+        vocab = with_vocabulary({}, tokenizer)
+        config = {**config, "unk_id": vocab["unk_id"], "bad_ending_ids": vocab["bad_ending_ids"]}
+    try:
+        model = build_model(config)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # hydra's InstantiationException and friends
         raise CheckpointError(f"{path}: stored model config does not build: {str(e).splitlines()[0][:300]}") from None
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     load_weights(path, model, state)
-    try:
-        tokenizer = tokenizer_from_json(payload["tokenizer"])
-    except Exception as e:
-        raise CheckpointError(f"{path}: stored tokenizer does not load ({type(e).__name__}: {e})") from None
     return model.eval(), tokenizer, payload

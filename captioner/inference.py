@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from captioner.data.images import ImageLoadError, build_transform, load_image
 from captioner.data.tokenizer import decode as decode_ids
@@ -21,11 +22,14 @@ def decode_settings(*layers: dict) -> dict:
 
 
 @torch.no_grad()
-def caption_loader(model, tokenizer, loader: Iterable[dict], decode: dict) -> dict[int, str]:
-    """{image_id: caption} for every image of a ``CaptionDataModule`` loader."""
+def caption_loader(model, tokenizer, loader: Iterable[dict], decode: dict,
+                   progress: bool = True) -> dict[int, str]:
+    """{image_id: caption} for every image of a ``CaptionDataModule`` loader (a progress bar with
+    elapsed and remaining time on stderr when ``progress``)."""
     model.eval()
     out = {}
-    for batch in loader:
+    for batch in tqdm(loader, desc="captioning", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
         if "features" in batch:  # a data module serving cached encoder features
             tokens, _ = model.generate(features=batch["features"], **decode)
         else:

@@ -14,6 +14,19 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 register_resolvers()
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
+
+def benchmark_subset(name: str, tmp_path: Path, n: int = 24) -> list[str]:
+    """Overrides pointing each split of ../shared/data/<name> at its first n images (COCO files
+    written to tmp_path), for running a benchmark's real pipeline in seconds."""
+    from captioner.data.captions import write_coco_subset
+
+    overrides = []
+    for split in ("train", "val", "test"):
+        path = write_coco_subset(SHARED / "data" / name / "annotations" / f"captions_{split}.json",
+                                 n, tmp_path / f"{split}.json")
+        overrides.append(f"data.splits.{split}.annotations={path}")
+    return overrides
+
 TINY_DATA = [
     "data.synthetic.num_train=24", "data.synthetic.num_val=8", "data.synthetic.num_test=8",
     "data.synthetic.image_size=32", "data.image_size=32", "data.batch_size=8",

@@ -53,7 +53,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     datamodule = instantiate(cfg.data, image_size=payload["image_size"], eval_batch_size=cfg.batch_size)
     datamodule.prepare_data()
     datamodule.set_tokenizer(tokenizer)
-    if datamodule.cache_features:  # data.cache_features=true: the frozen encoder's cached grids
+    if datamodule.cache_features:  # data.cache_features=true: the frozen encoder's cached features
         datamodule.set_encoder(model.encoder)
     split = cfg.split
     hyps = caption_loader(model, tokenizer, datamodule.dataloader(split), decode)

@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict:
     tok = datamodule.tokenizer
     model_config = with_vocabulary(OmegaConf.to_container(cfg.model, resolve=True), tok)
     model = build_model(model_config)
-    if datamodule.cache_features:  # the frozen encoder whose grids the loaders serve
+    if datamodule.cache_features:  # the frozen encoder whose features the loaders serve
         datamodule.set_encoder(model.encoder)
     if cfg.get("compile"):  # in place: parameter names, hence checkpoints, stay the same
         model.decoder.compile()

@@ -1,7 +1,7 @@
 """LightningDataModule: caption tables (HF ``datasets``) + images -> padded batches.
 
 A training item is one image with ``captions_per_image`` of its captions, so the encoder runs once
-per image and the decoder sees all k captions (the grid is shared, not recomputed k times).
+per image and the decoder sees all k captions (the image's features are shared, not recomputed k times).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class CaptionImageDataset(Dataset):
 
 
 class CachedFeatureDataset(Dataset):
-    """Like ``CaptionImageDataset``, with the encoder's cached grid (R, C) instead of the image."""
+    """Like ``CaptionImageDataset``, with the encoder's cached features (R, C) instead of the image."""
 
     def __init__(self, table: datasets.Dataset, cache: FeatureCache, captions_per_image: int,
                  train: bool):
@@ -129,7 +129,7 @@ class CaptionDataModule(L.LightningDataModule):
         captions_per_image: captions per image in a training batch (and eval loss).
         skip_bad_images: count and skip unreadable images instead of failing.
         cache_features: serve ``batch["features"]`` (B, R, C) from a disk cache of the frozen
-            encoder's grids instead of images. The encoder is the one given to ``set_encoder``
+            encoder's features instead of images. The encoder is the one given to ``set_encoder``
             (``train.py`` and ``evaluate.py`` give the model's); without one the loaders serve
             images as usual.
         cache_dir: where cache entries live (one folder per encoder + transform + image list).

@@ -1,4 +1,4 @@
-"""Grid features of a frozen encoder, computed once per image list and kept on disk.
+"""Features (R, C) of a frozen encoder, computed once per image list and kept on disk.
 
 One cache entry is a folder ``{cache_dir}/{name}-{key[:16]}/`` holding ``features.npy``
 (N, R, C), read memory-mapped, ``valid.npy`` (N,) (False: an unreadable image, skipped) and

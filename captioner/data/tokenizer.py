@@ -12,6 +12,11 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0, 1, 2, 3
+# Words an English caption does not end with (articles, prepositions, conjunctions, possessives):
+# the search bans EOS right after them (``decode.ban_bad_endings``).
+BAD_ENDINGS = ("a", "an", "the", "of", "in", "on", "at", "to", "for", "with", "from", "by",
+               "into", "onto", "near", "under", "over", "and", "or", "his", "her", "their", "its",
+               "this", "that", "some")
 
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
@@ -42,9 +47,13 @@ def train_tokenizer(
 
 def with_vocabulary(model_config: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
     """``model_config`` (plain data, ``build_model``'s input) completed with what only the
-    tokenizer knows: the vocabulary size and the ids of the special tokens."""
+    tokenizer knows: the vocabulary size, the ids of the special tokens and of the words a
+    caption must not end with."""
+    vocab = tokenizer.get_vocab()
     return {**model_config, "vocab_size": len(tokenizer), "pad_id": tokenizer.pad_token_id,
-            "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id}
+            "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
+            "unk_id": tokenizer.unk_token_id,
+            "bad_ending_ids": sorted(vocab[w] for w in BAD_ENDINGS if w in vocab)}
 
 
 def tokenizer_to_json(tokenizer: PreTrainedTokenizerFast) -> str:

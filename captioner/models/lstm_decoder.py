@@ -1,4 +1,4 @@
-"""Show, Attend and Tell: an LSTM decoder with (by default additive) attention over the grid,
+"""Show, Attend and Tell: an LSTM decoder with (by default additive) attention over the image regions,
 optionally with co-attention (caption-aware regions) and the adaptive-attention gate."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class LSTMDecoder(StepDecoder):
         self.coattention = CoAttention(encoder_dim, embed_dim) if "coattention" in fusions else None
         # state entries that depend only on the image: searches keep them at one row per image
         # while the rest has G rows per image (beams, samples; image-major), see ``_cell``.
-        # Co-attention refines the grid per caption, so there every row needs its own.
+        # Co-attention refines the features per caption, so there every row needs its own.
         self.static_state_keys = ("features", "prepared") if self.coattention is None else ()
         self.sentinel = self.gate = self.gate_out = None
         if "gated" in fusions:
@@ -100,7 +100,7 @@ class LSTMDecoder(StepDecoder):
         n, m = h.size(0), regions.size(0)
         if n == m:
             context, attn = self.attention(h, regions, prepared=prepared)  # (B, ctx)
-        else:  # G = n/m rows per image (image-major) query their image's grid together
+        else:  # G = n/m rows per image (image-major) query their image's features together
             context, attn = self.attention(h.view(m, n // m, -1), regions, prepared=prepared)
             if attn.dim() == 4:  # multi-head (m, heads, G, R) -> (m, G, heads, R)
                 attn = attn.transpose(1, 2)
@@ -133,7 +133,7 @@ class LSTMDecoder(StepDecoder):
 
     def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing. features (B, R, C); tokens (B*k, T) input tokens (BOS first), where k
-        captions per image share one image: the grid is projected once per image.
+        captions per image share one image: the features are projected once per image.
         Returns logits (B*k, T, V) and head-averaged attention (B*k, T, R).
 
         In training mode a row's positions after its last non-pad token cost no compute: their
@@ -165,7 +165,7 @@ class LSTMDecoder(StepDecoder):
         rows sorted by length (longest first), step t runs only on the n_t rows still active (a
         prefix of the sorted batch, so slicing copies nothing). The embedding half of the LSTM's
         input matmul runs once for all steps; the vocabulary projection once over the packed
-        (active) positions only; the grid's key projection once per image."""
+        (active) positions only; the features' key projection once per image."""
         N, T = tokens.shape
         B, R = features.size(0), features.size(1)
         dev = tokens.device
@@ -226,7 +226,7 @@ class LSTMDecoder(StepDecoder):
             if n == 0:
                 break
             if n < h.size(0):  # rows are sorted: the active ones are a prefix
-                # slice the grid only when n shrinks: each slice costs a full-size zero-filled
+                # slice the features only when n shrinks: each slice costs a full-size zero-filled
                 # gradient in backward, once per distinct n instead of once per step
                 h, c, regions, prepared = h[:n], c[:n], regions[:n], prepared[:n]
             if fused:

@@ -23,7 +23,7 @@ def scheduled_sampling(
     with probability ``prob``, a token sampled from the model's previous output instead of the
     gold one. features (B, R, C), tokens (B*k, T) -> logits (B*k, T, V), attention (B*k, T, R),
     like ``decoder(features, tokens)`` (which it equals at ``prob`` 0)."""
-    # the k captions of an image share its grid
+    # the k captions of an image share its features
     state = decoder.expand_state(decoder.init_state(features), tokens.size(0) // features.size(0))
     logits, attns = [], []
     inputs = tokens[:, 0]  # (B*k,) BOS

@@ -7,10 +7,17 @@ serves the LSTM and the Transformer decoders alike. Conventions shared by all of
 - a caption that reaches ``max_length`` tokens without EOS is cut there (no EOS appended);
 - ``min_length`` is the least number of tokens before EOS (EOS is banned at steps t < min_length);
 - ``no_repeat_ngram_size`` n: no n-gram occurs twice within one caption;
+- ``unk_id``: never chosen (greedy, beam and sampling alike), so a caption has no hole where a
+  rare word was (the word-level tokenizer maps rare words to ``<unk>``, which decoding drops);
+- ``bad_ending_ids``: words a caption must not end with (articles, prepositions): EOS is banned
+  right after them, so "a boy is holding a" cannot be the answer;
 - attention is returned per generated token, ``(B, L, R)``, heads averaged.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,22 +34,48 @@ def _log_probs(logits: Tensor) -> Tensor:
     return logits.log_softmax(-1)
 
 
-def _ban(logp: Tensor, hist: Tensor, t: int, eos_id: int, min_length: int, ngram: int) -> Tensor:
-    """Set to -inf what the constraints forbid at step t. logp (M, V); hist (M, t) the tokens
-    generated so far by each row."""
-    if t < min_length:
-        logp[:, eos_id] = float("-inf")
-    if ngram > 0 and t >= ngram:
-        # a token is banned if the last n-1 tokens followed by it already occur earlier
-        if ngram == 1:
-            follow, match = hist, torch.ones_like(hist, dtype=torch.bool)  # (M, t)
-        else:
-            windows = hist.unfold(1, ngram - 1, 1)  # (M, t-n+2, n-1)
-            match = (windows[:, :-1] == windows[:, -1:]).all(-1)  # (M, t-n+1)
-            follow = hist[:, ngram - 1 :]  # (M, t-n+1) token after each window
-        hits = torch.zeros_like(logp).scatter_add_(1, follow, match.to(logp.dtype))  # (M, V)
-        logp = logp.masked_fill(hits > 0, float("-inf"))
-    return logp
+@dataclass
+class Constraints:
+    """What the search may not choose: see the module docstring."""
+
+    eos_id: int
+    min_length: int = 0
+    no_repeat_ngram_size: int = 0
+    unk_id: int | None = None
+    bad_ending_ids: Sequence[int] = ()
+
+    def active(self, t: int) -> bool:
+        return (t < self.min_length or self.no_repeat_ngram_size > 0 or self.unk_id is not None
+                or len(self.bad_ending_ids) > 0)
+
+    def ban(self, logp: Tensor, hist: Tensor, t: int) -> Tensor:
+        """Set to -inf what is forbidden at step t. logp (M, V) log-probs or logits; hist (M, t)
+        the tokens generated so far by each row. One ``masked_fill`` with a mask built without
+        gradients, so sampling for self-critical training backprops through it cheaply."""
+        if not self.active(t):
+            return logp
+        M, V = logp.shape
+        banned = torch.zeros(M, V, dtype=torch.bool, device=logp.device)
+        if t < self.min_length:
+            banned[:, self.eos_id] = True
+        if self.unk_id is not None:
+            banned[:, self.unk_id] = True
+        if len(self.bad_ending_ids) and t > 0:
+            bad = torch.zeros(V, dtype=torch.bool, device=logp.device)
+            bad[list(self.bad_ending_ids)] = True  # (V,)
+            banned[:, self.eos_id] |= bad[hist[:, -1]]
+        n = self.no_repeat_ngram_size
+        if n > 0 and t >= n:
+            # a token is banned if the last n-1 tokens followed by it already occur earlier
+            if n == 1:
+                follow, match = hist, torch.ones_like(hist, dtype=torch.bool)  # (M, t)
+            else:
+                windows = hist.unfold(1, n - 1, 1)  # (M, t-n+2, n-1)
+                match = (windows[:, :-1] == windows[:, -1:]).all(-1)  # (M, t-n+1)
+                follow = hist[:, n - 1 :]  # (M, t-n+1) token after each window
+            hits = torch.zeros(M, V, device=logp.device).scatter_add_(1, follow, match.float())
+            banned |= hits > 0
+        return logp.masked_fill(banned, float("-inf"))
 
 
 @torch.no_grad()
@@ -55,6 +88,8 @@ def greedy_search(
     max_length: int = 20,
     min_length: int = 0,
     no_repeat_ngram_size: int = 0,
+    unk_id: int | None = None,
+    bad_ending_ids: Sequence[int] = (),
     return_scores: bool = False,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Most likely (allowed) token at every step, for a whole batch at once.
@@ -66,6 +101,7 @@ def greedy_search(
     score beam search ranks by (a log-softmax per step more, so only on request).
     """
     B = features.size(0)
+    rules = Constraints(eos_id, min_length, no_repeat_ngram_size, unk_id, bad_ending_ids)
     state = decoder.init_state(features)
     last = torch.full((B,), bos_id, dtype=torch.long, device=features.device)
     finished = torch.zeros(B, dtype=torch.bool, device=features.device)
@@ -73,9 +109,11 @@ def greedy_search(
     tokens, attns = [], []
     for t in range(max_length):
         logits, state, attn = decoder.step(last, state)  # (B, V)
-        if min_length > t or no_repeat_ngram_size > 0 or return_scores:
+        if rules.active(t) or return_scores:  # the argmax of the logits is that of the log-probs
             hist = torch.stack(tokens, 1) if tokens else last.new_empty(B, 0)  # (B, t)
-            logits = _ban(_log_probs(logits), hist, t, eos_id, min_length, no_repeat_ngram_size)
+            if return_scores:  # scores sum log-probs, as beam search does
+                logits = _log_probs(logits)
+            logits = rules.ban(logits, hist, t)
         nxt = logits.argmax(-1)
         if return_scores:  # logits are log-probs here
             step_logp = logits.gather(1, nxt[:, None]).squeeze(1).masked_fill(finished, 0.0)
@@ -112,6 +150,8 @@ def beam_search(
     length_penalty: float = 0.0,
     no_repeat_ngram_size: int = 0,
     num_return: int = 1,
+    unk_id: int | None = None,
+    bad_ending_ids: Sequence[int] = (),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Beam search over the whole batch at once: B images x K beams live in B*K rows of the
     decoder state, advanced by one ``step`` call per time step, with one top-k over K*V per image.
@@ -132,6 +172,7 @@ def beam_search(
     B, K, dev = features.size(0), beam_size, features.device
     neg_inf = float("-inf")
     L = max_length
+    rules = Constraints(eos_id, min_length, no_repeat_ngram_size, unk_id, bad_ending_ids)
 
     # finished pool per image: best K normalised scores, their tokens, lengths and attention
     pool_score = None  # (B, K), in the dtype of the log-probs
@@ -176,7 +217,7 @@ def beam_search(
         logits, state, attn = decoder.step(last, state)  # (N*K, V)
         attn = average_heads(attn)  # (N*K, R)
         V = logits.size(-1)
-        logp = _ban(_log_probs(logits), hist, t, eos_id, min_length, no_repeat_ngram_size)
+        logp = rules.ban(_log_probs(logits), hist, t)
         if t == 0:  # shapes and dtypes are known now
             R = attn.size(-1)
             pool_attn = attn.new_zeros(B, K, L, R)
@@ -263,6 +304,8 @@ def generate(
     min_length: int = 1,
     length_penalty: float = 0.0,
     no_repeat_ngram_size: int = 0,
+    unk_id: int | None = None,
+    bad_ending_ids: Sequence[int] = (),
     num_return: int | None = None,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """One entry point for inference: ``tokens (B, L)``, ``attn (B, L, R)``. Beam size 1 is
@@ -277,8 +320,8 @@ def generate(
     if method == "greedy" or beam_size == 1:
         out = greedy_search(
             decoder, features, bos_id, eos_id, pad_id, max_length=max_length,
-            min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size,
-            return_scores=num_return is not None,
+            min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size, unk_id=unk_id,
+            bad_ending_ids=bad_ending_ids, return_scores=num_return is not None,
         )  # fmt: skip
         if num_return is None:
             return out
@@ -289,7 +332,8 @@ def generate(
     tokens, attn, scores = beam_search(
         decoder, features, bos_id, eos_id, pad_id, beam_size=beam_size, max_length=max_length,
         min_length=min_length, length_penalty=length_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, num_return=num_return or 1,
+        no_repeat_ngram_size=no_repeat_ngram_size, unk_id=unk_id, bad_ending_ids=bad_ending_ids,
+        num_return=num_return or 1,
     )  # fmt: skip
     if num_return is None:
         return tokens, attn
@@ -307,8 +351,12 @@ def sample(
     num_samples: int = 5,
     max_length: int = 20,
     temperature: float = 1.0,
+    unk_id: int | None = None,
+    bad_ending_ids: Sequence[int] = (),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample ``num_samples`` captions per image for self-critical training (gradients flow).
+    ``unk_id`` and ``bad_ending_ids`` are banned as in the searches: samples are drawn from (and
+    their log-probs taken under) the distribution renormalised over the allowed tokens.
 
     Rows are image-major: rows i*S .. i*S+S-1 belong to image i. Returns tokens ``(B*S, L)``
     (pad after EOS), the log-probs of the sampled tokens ``(B*S, L)`` under the distribution they
@@ -316,14 +364,16 @@ def sample(
     (EOS included).
     """
     B, S = features.size(0), num_samples
-    # one grid projection per image, shared by its samples
+    rules = Constraints(eos_id, unk_id=unk_id, bad_ending_ids=bad_ending_ids)
+    # one projection of the features per image, shared by its samples
     state = decoder.expand_state(decoder.init_state(features), S)
     last = torch.full((B * S,), bos_id, dtype=torch.long, device=features.device)
     finished = torch.zeros(B * S, dtype=torch.bool, device=features.device)
     tokens, logps, masks = [], [], []
-    for _ in range(max_length):
+    for t in range(max_length):
         logits, state, _ = decoder.step(last, state)  # (B*S, V)
-        logp = _log_probs(logits / temperature)  # (B*S, V)
+        hist = last[:, None] if t else last.new_empty(B * S, 0)  # (B*S, <=1): only the last matters
+        logp = _log_probs(rules.ban(logits, hist, t) / temperature)  # (B*S, V)
         with torch.no_grad():
             nxt = torch.multinomial(logp.exp(), 1).squeeze(1)  # (B*S,)
         real = ~finished

@@ -4,7 +4,7 @@
     y_t = linear(x_t)                    # x_t (n_t, in) -> (n_t, out), at every step t
 
 Backward through T plain ``x_t @ w.T`` does T rank-n_t updates of the whole weight gradient, each
-a memory-bound pass over it (16 MB a step for a 2048-channel grid). Here each step's backward
+a memory-bound pass over it (16 MB a step for 2048-channel features). Here each step's backward
 only records (dL/dy_t, x_t), and the weight gradient of all steps is one (out, P) @ (P, in)
 matmul, P = sum of n_t. Same gradient up to float rounding.
 """

@@ -1,5 +1,5 @@
 """Transformer decoder: causal self-attention over the caption, cross-modal attention over the
-image grid (text queries, region keys/values), with a key/value cache for generation."""
+image's features (text queries, region keys/values), with a key/value cache for generation."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, need_weights: bool, is_causal: bool
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x += SelfAttn(LN(x)) (causal); x += CrossAttn(LN(x), grid); x += MLP(LN(x)).
+    """Pre-norm block: x += SelfAttn(LN(x)) (causal); x += CrossAttn(LN(x), features); x += MLP(LN(x)).
 
-    With ``coattention`` the grid a query at step t reads is first refined by attending over the
+    With ``coattention`` the features a query at step t reads is first refined by attending over the
     text features LN(x)_{<=t} (``fusion.CoAttention``), so the cross-attention memory is per step:
     (B, T, R, D) in teacher forcing, (B, R, D) in a generation step."""
 
@@ -42,7 +42,7 @@ class DecoderLayer(nn.Module):
         self.self_out = nn.Linear(d_model, d_model)
         self.ln_cross = nn.LayerNorm(d_model)
         self.q = nn.Linear(d_model, d_model)
-        self.kv = nn.Linear(d_model, 2 * d_model)  # applied to the grid (once per image)
+        self.kv = nn.Linear(d_model, 2 * d_model)  # applied to the features (once per image)
         self.cross_out = nn.Linear(d_model, d_model)
         self.coattention = CoAttention(d_model, d_model) if coattention else None
         self.ln_ff = nn.LayerNorm(d_model)
@@ -57,7 +57,7 @@ class DecoderLayer(nn.Module):
         return x.movedim(1, -2).flatten(-2)  # (B, H, ..., L, d) -> (B, ..., L, D)
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        """Grid (B, [T,] R, D) -> keys, values (B, H, [T,] R, d)."""
+        """Features (B, [T,] R, D) -> keys, values (B, H, [T,] R, d)."""
         return tuple(self.heads(m) for m in self.kv(memory).chunk(2, dim=-1))
 
     def self_attention(self, x: Tensor, past: tuple[Tensor, Tensor] | None = None):
@@ -82,7 +82,7 @@ class DecoderLayer(nn.Module):
         if k.dim() == 5:  # per-step memory: every query is its own batch of one
             a, w = _attend(q.unsqueeze(-2), k, v, need_weights)  # (N, H, T, 1, d)
             a, w = a.squeeze(-2), (None if w is None else w.squeeze(-2))
-        else:  # captions of one image become one longer query block: no grid expansion
+        else:  # captions of one image become one longer query block: no feature expansion
             q = q.view(N // group, group, H, T, d).transpose(1, 2).reshape(N // group, H, group * T, d)
             a, w = _attend(q, k, v, need_weights)  # (N/g, H, g*T, d)
             a = a.view(N // group, H, group, T, d).transpose(1, 2).reshape(N, H, T, d)
@@ -96,16 +96,18 @@ class DecoderLayer(nn.Module):
 
 class TransformerDecoder(StepDecoder):
     """N pre-norm layers of causal self-attention + cross-modal multi-head attention over the
-    region grid, learned positional embeddings, optionally tied input/output embeddings.
+    image's features (B, R, C), learned positional embeddings, optionally tied input/output embeddings.
 
-    The grid is projected to ``d_model`` (Linear + LayerNorm) and, with ``encoder_layers`` > 0,
+    The features are projected to ``d_model`` (Linear + LayerNorm) and, with ``encoder_layers`` > 0,
     refined by that many pre-norm ``nn.TransformerEncoderLayer`` blocks (regions attending to
     regions) before any text reads it.
 
     Generation keeps a key/value cache in the state, so one step costs one token:
     ``self_k``/``self_v`` (B, L, H, t, d) grow by one position per step and ``cross_k``/``cross_v``
-    (B, L, H, R, d), the grid's projections, are computed once in ``init_state``. With
-    ``fusion=coattention`` the refined grid differs at every step, so the state holds the grid
+    (B, L, H, R, d), the features' projections, are computed once in ``init_state`` and stay at
+    one row per image (``static_state_keys``): the beams or samples of an image query them
+    together as one block, as in teacher forcing. With
+    ``fusion=coattention`` the refined features differ at every step, so the state holds the features
     ``memory`` (B, R, D) and each layer's co-attention text cache ``co{l}_*`` instead.
 
     ``attention_layer`` picks the layer whose cross-attention (heads averaged in ``forward``,
@@ -154,6 +156,7 @@ class TransformerDecoder(StepDecoder):
         if tie_embeddings:
             self.head.weight = self.embedding.weight  # (V, D) both ways
         self.coattention = coattention
+        self.static_state_keys = () if coattention else ("cross_k", "cross_v")
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -177,11 +180,11 @@ class TransformerDecoder(StepDecoder):
 
     def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing. features (B, R, C); tokens (B*k, T) (BOS first), k captions per image
-        sharing one grid. Returns logits (B*k, T, V) and the cross-attention of
+        sharing one image's features. Returns logits (B*k, T, V) and the cross-attention of
         ``attention_layer``, heads averaged (B*k, T, R)."""
         memory = self.encode_grid(features)  # (B, R, D)
         k = tokens.size(0) // features.size(0)
-        if self.coattention and k > 1:  # refined grids are per caption anyway
+        if self.coattention and k > 1:  # refined features are per caption anyway
             memory = memory.repeat_interleave(k, 0)  # (B*k, R, D)
         x = self._embed(tokens, 0)  # (B*k, T, D)
         attn = None
@@ -208,7 +211,7 @@ class TransformerDecoder(StepDecoder):
         state = {"self_k": empty, "self_v": empty}
         if self.coattention:
             state["memory"] = memory
-        else:  # the grid's keys/values, once per image for every step and beam
+        else:  # the features' keys/values, once per image for every step and beam
             kv = [layer.memory_kv(memory) for layer in self.layers]
             state["cross_k"] = torch.stack([k for k, _ in kv], 1)  # (B, L, H, R, d)
             state["cross_v"] = torch.stack([v for _, v in kv], 1)
@@ -217,9 +220,16 @@ class TransformerDecoder(StepDecoder):
     def step(self, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict, Tensor]:
         t = state["self_k"].size(3)
         x = self._embed(tokens[:, None], t)  # (B, 1, D)
+        # unbind once: L per-layer views whose backward is one stack, where indexing [:, i] per
+        # layer would zero-fill a cache-sized gradient L times (self-critical sampling backprops
+        # through every step)
+        self_k, self_v = state["self_k"].unbind(1), state["self_v"].unbind(1)  # L x (B, H, t, d)
+        if not self.coattention:
+            cross_k, cross_v = state["cross_k"].unbind(1), state["cross_v"].unbind(1)  # L x (m, H, R, d)
+            group = x.size(0) // cross_k[0].size(0)  # rows (beams, samples) per image
         new, ks, vs, attn = {}, [], [], None
         for i, layer in enumerate(self.layers):
-            out, (k, v) = layer.self_attention(x, (state["self_k"][:, i], state["self_v"][:, i]))
+            out, (k, v) = layer.self_attention(x, (self_k[i], self_v[i]))
             x = x + out
             ks.append(k)
             vs.append(v)
@@ -230,9 +240,10 @@ class TransformerDecoder(StepDecoder):
                 regions, co = layer.coattention.step(state["memory"], h[:, 0], co)  # (B, R, D)
                 new.update({prefix + n: s for n, s in co.items()})
                 mk, mv = layer.memory_kv(regions)  # (B, H, R, d)
+                out, w = layer.cross_attention(h, mk, mv, i == self.attention_layer)
             else:
-                mk, mv = state["cross_k"][:, i], state["cross_v"][:, i]
-            out, w = layer.cross_attention(h, mk, mv, i == self.attention_layer)
+                out, w = layer.cross_attention(h, cross_k[i], cross_v[i], i == self.attention_layer,
+                                               group)
             x = x + out
             x = x + layer.feed_forward(x)
             attn = w[:, :, 0] if w is not None else attn  # (B, H, R)

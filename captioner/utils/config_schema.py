@@ -60,7 +60,9 @@ def decode_rules(prefix: str, null: bool = False) -> dict:
     return {f"{prefix}.method": one_of(*DECODE_METHODS, *((None,) if null else ())),
             f"{prefix}.beam_size": integer(1, null=null),
             f"{prefix}.max_length": integer(1, null=null),
-            f"{prefix}.precision": one_of(*DECODE_PRECISIONS)}
+            f"{prefix}.precision": one_of(*DECODE_PRECISIONS),
+            f"{prefix}.ban_unk": one_of(True, False, *((None,) if null else ())),
+            f"{prefix}.ban_bad_endings": one_of(True, False, *((None,) if null else ()))}
 
 
 COMMON = {

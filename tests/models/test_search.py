@@ -309,3 +309,58 @@ def test_sample_logprobs_and_mask():
     assert (tokens == EOS).any() and (~mask).any(), "no sample ended early: weak test"
     (logps * mask).sum().backward()
     assert dec.table.grad is not None and dec.table.grad.abs().sum() > 0
+
+
+# ---- bans: <unk> never chosen, no caption ends right after a bad-ending word --------------------
+UNK, BAD = 3, 4  # in the toy vocabulary: token 3 plays <unk>, token 4 an article like "a"
+
+
+class Favouring(ToyDecoder):
+    """The toy decoder with <unk> strongly preferred and EOS most likely right after BAD."""
+
+    def step(self, tokens, state):
+        logits, state, attn = super().step(tokens, state)
+        logits = logits.clone()
+        logits[:, UNK] += 20.0
+        logits[:, BAD] += 5.0
+        logits[:, EOS] += torch.where(tokens == BAD, 30.0, -2.0).to(logits.dtype)
+        return logits, state, attn
+
+
+def _runs(dec, f, **bans):
+    g, _ = greedy_search(dec, f, BOS, EOS, PAD, max_length=8, **bans)
+    b, _, _ = beam_search(dec, f, BOS, EOS, PAD, beam_size=3, max_length=8, **bans)
+    torch.manual_seed(0)
+    s, _, _ = sample(dec, f, BOS, EOS, PAD, num_samples=4, max_length=8, **bans)
+    return {"greedy": g, "beam": b, "sample": s}
+
+
+def _ends_after_bad(seq):
+    toks = strip(seq)
+    return len(toks) >= 2 and toks[-1] == EOS and toks[-2] == BAD
+
+
+def test_unk_is_never_chosen_when_banned():
+    dec, f = Favouring(), feats(5)
+    without = _runs(dec, f)
+    assert all((t == UNK).any() for t in without.values())  # the toy really wants <unk>
+    for name, tokens in _runs(dec, f, unk_id=UNK).items():
+        assert not (tokens == UNK).any(), name
+
+
+def test_no_caption_ends_right_after_a_bad_ending_word():
+    dec, f = Favouring(), feats(5)
+    without = _runs(dec, f, unk_id=UNK)
+    assert all(any(_ends_after_bad(r) for r in t) for t in without.values())  # it wants to
+    for name, tokens in _runs(dec, f, unk_id=UNK, bad_ending_ids=[BAD]).items():
+        assert not any(_ends_after_bad(r) for r in tokens), name
+        if name != "sample":  # (samples may draw the toy's PAD)
+            assert all(strip(r)[-1] == EOS for r in tokens if len(strip(r)) < 8), name  # still ends
+
+
+def test_beam_1_equals_greedy_with_bans():
+    dec, f = Favouring(), feats(5)
+    bans = {"unk_id": UNK, "bad_ending_ids": [BAD]}
+    g, _ = greedy_search(dec, f, BOS, EOS, PAD, max_length=8, **bans)
+    b, _ = generate(dec, f, BOS, EOS, PAD, method="beam", beam_size=1, max_length=8, **bans)
+    assert torch.equal(g, b)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner.data.captions import write_coco_subset
-from tests.conftest import SHARED, compose_config
+from tests.conftest import SHARED, benchmark_subset, compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RSICD = SHARED / "data" / "rsicd"
@@ -29,31 +28,21 @@ def test_rsicd_presets_compose_and_scst_stage_keeps_the_model(decoder, tmp_path)
     assert ce.loss.alpha_c is None  # the decoder's default: doubly stochastic for the LSTM only
 
 
-def rsicd_subset(tmp_path: Path, n: int = 24) -> list[str]:
-    """Overrides pointing each split at its first n images (COCO files written to tmp_path)."""
-    overrides = []
-    for split in ("train", "val", "test"):
-        path = write_coco_subset(RSICD / "annotations" / f"captions_{split}.json", n,
-                                 tmp_path / f"{split}.json")
-        overrides.append(f"data.splits.{split}.annotations={path}")
-    return overrides
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not RSICD.is_dir(), reason="../shared/data/rsicd absent")
 def test_make_rsicd_pipeline_end_to_end(tmp_path):
     out = tmp_path / "run"
     subprocess.run(
-        [sys.executable, "scripts/rsicd.py", "--ce-epochs", "1", "--scst-epochs", "1", "--out",
-         str(out), *rsicd_subset(tmp_path), "data.min_word_frequency=1",
+        [sys.executable, "scripts/reproduce.py", "rsicd", "--ce-epochs", "1", "--scst-epochs", "1", "--out",
+         str(out), *benchmark_subset("rsicd", tmp_path), "data.min_word_frequency=1",
          f"data.cache_dir={tmp_path / 'cache'}"],
         cwd=ROOT, check=True)
     results = json.loads((out / "results.json").read_text())
     assert set(results["test"]) == {"self-critical", "cross-entropy"}
-    for r in results["test"].values():
+    for name, r in results["test"].items():
         assert {"bleu4", "meteor", "rouge_l", "cider"} <= set(r["metrics"])
-        assert r["decode"]["beam_size"] == 3
-    assert "| system | BLEU-4 |" in (out / "results.md").read_text()
+        assert r["decode"]["beam_size"] == results["val"][name]["decode"]["beam_size"]
+    assert "| system | B-1 |" in (out / "results.md").read_text()
     with pytest.raises(subprocess.CalledProcessError):  # never overwrite a run
-        subprocess.run([sys.executable, "scripts/rsicd.py", "--out", str(out)], cwd=ROOT,
+        subprocess.run([sys.executable, "scripts/reproduce.py", "rsicd", "--out", str(out)], cwd=ROOT,
                        check=True, capture_output=True)
