@@ -109,6 +109,7 @@ def caption_server(serve_checkpoint, tmp_path_factory):
         "--log-level", "error",
     ], log=f) as served_server:
         yield served_server
-    text = log.read_text()
+        # read before shutdown: LitServe's worker monitor may log a broken pipe while it stops
+        text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
 
