@@ -40,28 +40,48 @@ def caption_loader(model, tokenizer, loader: Iterable[dict], decode: dict,
 
 
 @torch.no_grad()
+def caption_images(model, tokenizer, images: list, image_size: int, decode: dict,
+                   num_return: int = 1) -> list[dict]:
+    """Caption PIL images (any size; already RGB, as ``load_image`` gives them) in one batched
+    search. One result per image: ``caption``, ``words``, ``score``, per-word ``attention``
+    (L, R) of the best caption and ``alternatives`` (the ``num_return`` best hypotheses, best
+    first: ``caption``, ``score``; hypotheses the search could not fill are left out)."""
+    model.eval()
+    transform = build_transform(image_size)
+    batch = torch.stack([transform(image) for image in images])  # (B, 3, S, S)
+    tokens, attn, scores = model.generate(batch, num_return=num_return, **decode)
+    # tokens (B, N, L), attn (B, L, R), scores (B, N)
+    results = []
+    for rows, a, row_scores in zip(tokens.tolist(), attn, scores.tolist()):
+        alternatives = [{"caption": decode_ids(tokenizer, row), "score": score}
+                        for row, score in zip(rows, row_scores) if score != float("-inf")]
+        best = alternatives[0] if alternatives else {"caption": "", "score": float("-inf")}
+        words = best["caption"].split()
+        results.append({"caption": best["caption"], "words": words, "score": best["score"],
+                        "attention": a[: len(words)], "alternatives": alternatives})
+    return results
+
+
+@torch.no_grad()
 def caption_files(model, tokenizer, paths: list, image_size: int, decode: dict,
                   batch_size: int = 16) -> list[dict]:
     """Caption image files, one result per path in order. A caption: ``path``, ``caption``,
-    ``words`` and per-word attention ``attention`` (L, R) for pictures of where the model looked.
+    ``words`` and per-word attention ``attention`` (L, R) for pictures of where the model looked
+    (and ``score``, ``alternatives`` as ``caption_images`` gives them).
     An image that cannot be read does not stop the others: its result is ``path`` and
     ``error`` (the one-line message naming it)."""
-    model.eval()
-    transform = build_transform(image_size)
-    results: list[dict] = []
-    loaded = []  # (index into results, image tensor) of the readable images
-    for p in paths:
-        try:
-            loaded.append((len(results), transform(load_image(p))))
-            results.append({"path": str(p)})
-        except ImageLoadError as e:
-            results.append({"path": str(p), "error": str(e)})
-    for start in range(0, len(loaded), batch_size):
-        chunk = loaded[start : start + batch_size]
-        images = torch.stack([image for _, image in chunk])  # (B, 3, S, S)
-        tokens, attn = model.generate(images, **decode)  # (B, L), (B, L, R)
-        for (i, _), row, a in zip(chunk, tokens.tolist(), attn):
-            caption = decode_ids(tokenizer, row)
-            n = len(caption.split())
-            results[i].update(caption=caption, words=caption.split(), attention=a[:n])
+    results = [{"path": str(p)} for p in paths]
+    # images are read one batch at a time: a long list of big photos never sits in memory
+    for start in range(0, len(paths), batch_size):
+        loaded = []  # (index into results, image) of this batch's readable images
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                loaded.append((i, load_image(paths[i])))
+            except ImageLoadError as e:
+                results[i]["error"] = str(e)
+        if loaded:
+            captions = caption_images(model, tokenizer, [image for _, image in loaded],
+                                      image_size, decode)
+            for (i, _), caption in zip(loaded, captions):
+                results[i].update(caption)
     return results

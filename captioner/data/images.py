@@ -35,21 +35,29 @@ def _opened(path):
         yield img
 
 
-def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, *, name: str | None = None,
+               max_frames: int | None = None, limit_name: str = "data.max_pixels") -> Image.Image:
     """Any PIL mode -> RGB, EXIF orientation applied, refusing decompression bombs.
 
+    ``path``: a file name or a binary file object (an upload; ``name`` then names it in errors).
     The size check reads only the header, so a small file claiming huge dimensions is refused
-    before any pixel is decoded. 16/32-bit integer images are taken as 16-bit data (value / 256);
-    transparent images are composed onto white."""
+    before any pixel is decoded; ``max_frames`` refuses animations with more frames (the first
+    frame is the one used). 16/32-bit integer images are taken as 16-bit data (value / 256);
+    transparent images are composed onto white. ``limit_name``: the setting the size error names."""
+    label = name or path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with _opened(path) as img:
                 if img.width * img.height > max_pixels:
                     raise ImageLoadError(
-                        f"{path}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels} "
-                        "(data.max_pixels, a guard against decompression bombs)"
+                        f"{label}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels} "
+                        f"({limit_name}, a guard against decompression bombs)"
                     )
+                frames = getattr(img, "n_frames", 1)
+                if max_frames is not None and frames > max_frames:
+                    raise ImageLoadError(f"{label}: {frames} frames exceeds the limit of "
+                                         f"{max_frames} (an animation; its first frame is used)")
                 img = ImageOps.exif_transpose(img)
                 if img.mode in WIDE_INTEGER_MODES:  # PIL's point() misses big-endian I;16B
                     pixels = np.asarray(img, dtype=np.float64) / 256
@@ -62,16 +70,16 @@ def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     except ImageLoadError:
         raise
     except FileNotFoundError:
-        raise ImageLoadError(f"{path}: image file not found") from None
+        raise ImageLoadError(f"{label}: image file not found") from None
     except IsADirectoryError:
-        raise ImageLoadError(f"{path}: is a directory, not an image") from None
+        raise ImageLoadError(f"{label}: is a directory, not an image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{path}: refused as a possible decompression bomb ({e})") from None
+        raise ImageLoadError(f"{label}: refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not a readable image (unknown format, empty or not an image)") from None
+        raise ImageLoadError(f"{label}: not a readable image (unknown format, empty or not an image)") from None
     except Exception as e:  # truncated or corrupt data: decoders raise OSError, SyntaxError,
         # ValueError, EOFError, struct.error, IndexError... depending on the format and the damage
-        raise ImageLoadError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from None
+        raise ImageLoadError(f"{label}: corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
 def build_transform(image_size: int, train: bool = False, augment: bool = False):

@@ -79,7 +79,8 @@ class Captioner(nn.Module):
     def generate(self, images: Tensor | None = None, features: Tensor | None = None,
                  precision: str | None = None, ban_unk: bool = True,
                  ban_bad_endings: bool = True, **decode):
-        """Token ids (B, L) (no BOS, EOS kept, pad after) and attention (B, L, R).
+        """Token ids (B, L) (no BOS, EOS kept, pad after) and attention (B, L, R); with
+        ``num_return=N`` also the N best hypotheses and their scores (``search.generate``).
 
         ``ban_unk``: never choose ``<unk>``; ``ban_bad_endings``: never end right after an
         article or preposition (both need the ids this model was built with; ``search.py``).
@@ -101,9 +102,10 @@ class Captioner(nn.Module):
             features = self._features(images, features)
             if precision == "fp32":  # e.g. features encoded under a caller's bf16 autocast
                 features = features.float()
-            tokens, attn = generate(
+            tokens, attn, *scores = generate(
                 self.decoder, features, bos_id=self.bos_id,
                 eos_id=self.eos_id, pad_id=self.pad_id, **self._bans(ban_unk, ban_bad_endings),
                 **decode,
             )  # fmt: skip
-        return tokens, attn.float()
+        # scores only with ``num_return`` (``search.generate``): tokens (B, N, L), scores (B, N)
+        return (tokens, attn.float(), *(s.float() for s in scores))

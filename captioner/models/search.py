@@ -90,25 +90,34 @@ def greedy_search(
     no_repeat_ngram_size: int = 0,
     unk_id: int | None = None,
     bad_ending_ids: Sequence[int] = (),
-) -> tuple[Tensor, Tensor]:
+    return_scores: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Most likely (allowed) token at every step, for a whole batch at once.
 
     Returns ``tokens (B, L)`` without BOS (EOS kept, padded with ``pad_id`` after it) and the
     attention of each generated token ``(B, L, R)`` (heads averaged for multi-head decoders).
-    Finished rows stop changing; the loop ends when every row has emitted EOS.
+    Finished rows stop changing; the loop ends when every row has emitted EOS. With
+    ``return_scores`` also the summed log-prob of each caption ``(B,)`` (EOS included), the raw
+    score beam search ranks by (a log-softmax per step more, so only on request).
     """
     B = features.size(0)
     rules = Constraints(eos_id, min_length, no_repeat_ngram_size, unk_id, bad_ending_ids)
     state = decoder.init_state(features)
     last = torch.full((B,), bos_id, dtype=torch.long, device=features.device)
     finished = torch.zeros(B, dtype=torch.bool, device=features.device)
+    score = None  # (B,), in the dtype of the log-probs (float32 at least)
     tokens, attns = [], []
     for t in range(max_length):
         logits, state, attn = decoder.step(last, state)  # (B, V)
-        if rules.active(t):  # the argmax of the logits is that of the log-probs
+        if rules.active(t) or return_scores:  # the argmax of the logits is that of the log-probs
             hist = torch.stack(tokens, 1) if tokens else last.new_empty(B, 0)  # (B, t)
+            if return_scores:  # scores sum log-probs, as beam search does
+                logits = _log_probs(logits)
             logits = rules.ban(logits, hist, t)
         nxt = logits.argmax(-1)
+        if return_scores:  # logits are log-probs here
+            step_logp = logits.gather(1, nxt[:, None]).squeeze(1).masked_fill(finished, 0.0)
+            score = step_logp if score is None else score + step_logp
         nxt = nxt.masked_fill(finished, pad_id)
         tokens.append(nxt)
         attns.append(average_heads(attn))  # (B, R)
@@ -116,6 +125,10 @@ def greedy_search(
         last = nxt
         if finished.all():
             break
+    if return_scores:
+        if score is None:  # max_length 0
+            score = features.new_zeros(B, dtype=torch.float32)
+        return torch.stack(tokens, 1), torch.stack(attns, 1), score
     return torch.stack(tokens, 1), torch.stack(attns, 1)
 
 
@@ -293,23 +306,40 @@ def generate(
     no_repeat_ngram_size: int = 0,
     unk_id: int | None = None,
     bad_ending_ids: Sequence[int] = (),
-) -> tuple[Tensor, Tensor]:
+    num_return: int | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """One entry point for inference: ``tokens (B, L)``, ``attn (B, L, R)``. Beam size 1 is
-    greedy search (the length penalty cannot change a single greedy path)."""
+    greedy search (the length penalty cannot change a single greedy path).
+
+    With ``num_return`` (an int) it also returns the scores and keeps the hypotheses: tokens
+    ``(B, N, L)``, attention of the best ``(B, L, R)``, scores ``(B, N)``, best first (a server
+    shows beam alternatives with their scores). Greedy search has one hypothesis (N = 1), scored by
+    its summed log-prob over lp(|Y|) like a finished beam."""
     if method not in ("greedy", "beam"):
         raise ValueError(f"unknown decoding method {method!r}")
     if method == "greedy" or beam_size == 1:
-        return greedy_search(
+        out = greedy_search(
             decoder, features, bos_id, eos_id, pad_id, max_length=max_length,
             min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size, unk_id=unk_id,
-            bad_ending_ids=bad_ending_ids,
+            bad_ending_ids=bad_ending_ids, return_scores=num_return is not None,
         )  # fmt: skip
-    tokens, attn, _ = beam_search(
+        if num_return is None:
+            return out
+        tokens, attn, score = out
+        length = (tokens != pad_id).sum(1)  # EOS counted, as beam search counts it
+        score = score / _length_penalty(length.to(score.dtype), length_penalty)
+        return tokens[:, None], attn, score[:, None]
+    tokens, attn, scores = beam_search(
         decoder, features, bos_id, eos_id, pad_id, beam_size=beam_size, max_length=max_length,
         min_length=min_length, length_penalty=length_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, unk_id=unk_id, bad_ending_ids=bad_ending_ids,
+        num_return=num_return or 1,
     )  # fmt: skip
-    return tokens, attn
+    if num_return is None:
+        return tokens, attn
+    if num_return == 1:  # beam search drops the hypothesis dimension for a single one
+        tokens, scores = tokens[:, None], scores[:, None]
+    return tokens, attn, scores
 
 
 def sample(

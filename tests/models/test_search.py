@@ -257,6 +257,33 @@ def test_generate_dispatch():
         generate(dec, f, BOS, EOS, PAD, method="nucleus")
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_generate_returns_alternatives_with_their_scores(alpha):
+    """``num_return``: the N best hypotheses (B, N, L), best first, each scored by its summed
+    log-prob over lp(|Y|), the same for greedy (N = 1) as for beam."""
+    dec, f = ToyDecoder(), feats(3)
+    tokens, attn, scores = generate(dec, f, BOS, EOS, PAD, method="beam", beam_size=4,
+                                    max_length=5, length_penalty=alpha, num_return=3)
+    assert tokens.shape[:2] == (3, 3) and scores.shape == (3, 3)
+    plain = generate(dec, f, BOS, EOS, PAD, method="beam", beam_size=4, max_length=5,
+                     length_penalty=alpha)
+    assert torch.equal(tokens[:, 0, : plain[0].size(1)], plain[0]) and torch.equal(attn, plain[1])
+    for i in range(3):
+        assert (scores[i, :-1] >= scores[i, 1:]).all()
+        for n in range(3):
+            seq = strip(tokens[i, n])
+            want = seq_logprob(dec, f[i : i + 1], seq) / lp(len(seq), alpha)
+            assert scores[i, n].item() == pytest.approx(want, abs=1e-9)
+    g_tokens, g_attn, g_scores = generate(dec, f, BOS, EOS, PAD, method="greedy", max_length=5,
+                                          length_penalty=alpha, num_return=1)
+    g = greedy_search(dec, f, BOS, EOS, PAD, max_length=5, min_length=1)
+    assert torch.equal(g_tokens[:, 0], g[0]) and torch.equal(g_attn, g[1])
+    for i in range(3):
+        seq = strip(g_tokens[i, 0])
+        want = seq_logprob(dec, f[i : i + 1], seq) / lp(len(seq), alpha)
+        assert g_scores[i, 0].item() == pytest.approx(want, abs=1e-9)
+
+
 def test_sample_logprobs_and_mask():
     torch.manual_seed(0)
     dec = ToyDecoder(eos_bias=1.0)
