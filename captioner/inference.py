@@ -37,13 +37,14 @@ def caption_loader(model, tokenizer, loader: Iterable[dict], decode: dict) -> di
 
 @torch.no_grad()
 def caption_files(model, tokenizer, paths: list, image_size: int, decode: dict,
-                  batch_size: int = 16) -> list[dict]:
+                  batch_size: int = 16, preprocess: dict | None = None) -> list[dict]:
     """Caption image files, one result per path in order. A caption: ``path``, ``caption``,
     ``words`` and per-word attention ``attention`` (L, R) for pictures of where the model looked.
     An image that cannot be read does not stop the others: its result is ``path`` and
-    ``error`` (the one-line message naming it)."""
+    ``error`` (the one-line message naming it). ``preprocess``: the checkpoint's stored one
+    (None: ImageNet statistics at ``image_size``, as checkpoints written before it were fed)."""
     model.eval()
-    transform = build_transform(image_size)
+    transform = build_transform(image_size, preprocess=preprocess)
     results: list[dict] = []
     loaded = []  # (index into results, image tensor) of the readable images
     for p in paths:
