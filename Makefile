@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_features.py
+	$(PY) benchmarks/bench_encoders.py
 
 clean:
 	rm -rf outputs multirun bench_results

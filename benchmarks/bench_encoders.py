@@ -130,11 +130,12 @@ def main() -> None:
         print(f"{name:32s} {family:20s} {r['input'][0]:4d} px  R={r['regions']:4d}  C={r['channels']:5d}  "
               f"{r['images_per_s']:7.1f} img/s  ({r['params_m']:.1f}M params, weights: {weights})", flush=True)
         del encoder
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "cpu_capability": capability,
-                                    "threads": torch.get_num_threads(), "batch": args.batch,
-                                    "precision": "fp32", "date": time.strftime("%Y-%m-%d"),
-                                    "results": rows}, indent=2))
+        # after every row: an interrupted run keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": info, "cpu_capability": capability,
+                                        "threads": torch.get_num_threads(), "batch": args.batch,
+                                        "precision": "fp32", "date": time.strftime("%Y-%m-%d"),
+                                        "results": rows}, indent=2))
     print(f"wrote {args.out}")
 
 
