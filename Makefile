@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_features.py
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_encoders.py
 
 clean:
 	rm -rf outputs multirun bench_results

@@ -24,20 +24,32 @@ class CheckpointError(InputError, RuntimeError):
     """A file that is not a usable captioner checkpoint; the message names it."""
 
 
-def checkpoint_payload(model_config: dict, tokenizer, decode: dict, image_size: int) -> dict:
-    return {KEY: {"format_version": FORMAT_VERSION, "model_config": model_config,
-                  "tokenizer": tokenizer_to_json(tokenizer), "decode": dict(decode),
-                  "image_size": int(image_size)}}
+def checkpoint_payload(model_config: dict, tokenizer, decode: dict, image_size: int,
+                       preprocess: dict | None = None, encoder: dict | None = None) -> dict:
+    """``preprocess``: the input the encoder was trained on (``data/images.py``), so captioning
+    feeds the same; ``encoder``: what rebuilds the encoder without its original files (its
+    ``architecture()``: a Hugging Face config, an open_clip model config). Both optional:
+    checkpoints written before them load as before (ImageNet statistics at ``image_size``)."""
+    payload = {"format_version": FORMAT_VERSION, "model_config": model_config,
+               "tokenizer": tokenizer_to_json(tokenizer), "decode": dict(decode),
+               "image_size": int(image_size)}
+    if preprocess is not None:
+        payload["preprocess"] = dict(preprocess)
+    if encoder is not None:
+        payload["encoder"] = dict(encoder)
+    return {KEY: payload}
 
 
-def build_model(model_config: dict):
+def build_model(model_config: dict, stored_encoder: dict | None = None):
     """The model of a stored (or composed) model config. Only the allowlisted model classes can
     be built, and the config is checked as data before any of them runs
-    (``models/build.py``): a checkpoint's config cannot call anything else."""
+    (``models/build.py``): a checkpoint's config cannot call anything else. ``stored_encoder``
+    (a checkpoint's ``encoder`` record, ``{}`` for none): build for the checkpoint's weights,
+    without the encoder's pretrained files."""
     from captioner.models.build import ModelConfigError, build_captioner
 
     try:
-        return build_captioner(model_config)
+        return build_captioner(model_config, stored_encoder)
     except ModelConfigError as e:
         raise CheckpointError(f"model config refused: {e}") from None
 
@@ -108,7 +120,10 @@ def load_weights(path, model: torch.nn.Module, state_dict: dict) -> None:
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """-> (model in eval mode, tokenizer, payload: ``decode``, ``image_size``, ``model_config``)."""
+    """-> (model in eval mode, tokenizer, payload: ``decode``, ``image_size``, ``model_config``,
+    ``preprocess`` when stored: ``data.images.checkpoint_transform(payload)`` feeds the model
+    what it was trained on). The encoder's pretrained files are not needed: the checkpoint holds
+    every weight."""
     ckpt = read_checkpoint(path, map_location)
     payload = ckpt[KEY]
     try:
@@ -121,7 +136,8 @@ def load_checkpoint(path, map_location="cpu"):
         vocab = with_vocabulary({}, tokenizer)
         config = {**config, "unk_id": vocab["unk_id"], "bad_ending_ids": vocab["bad_ending_ids"]}
     try:
-        model = build_model(config)
+        stored = payload.get("encoder")
+        model = build_model(config, stored if isinstance(stored, dict) else {})
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # hydra's InstantiationException and friends

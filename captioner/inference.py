@@ -41,13 +41,14 @@ def caption_loader(model, tokenizer, loader: Iterable[dict], decode: dict,
 
 @torch.no_grad()
 def caption_images(model, tokenizer, images: list, image_size: int, decode: dict,
-                   num_return: int = 1) -> list[dict]:
+                   num_return: int = 1, preprocess: dict | None = None) -> list[dict]:
     """Caption PIL images (any size; already RGB, as ``load_image`` gives them) in one batched
     search. One result per image: ``caption``, ``words``, ``score``, per-word ``attention``
     (L, R) of the best caption and ``alternatives`` (the ``num_return`` best hypotheses, best
-    first: ``caption``, ``score``; hypotheses the search could not fill are left out)."""
+    first: ``caption``, ``score``; hypotheses the search could not fill are left out).
+    ``preprocess``: the checkpoint's stored one (``caption_files``)."""
     model.eval()
-    transform = build_transform(image_size)
+    transform = build_transform(image_size, preprocess=preprocess)
     batch = torch.stack([transform(image) for image in images])  # (B, 3, S, S)
     tokens, attn, scores = model.generate(batch, num_return=num_return, **decode)
     # tokens (B, N, L), attn (B, L, R), scores (B, N)
@@ -64,12 +65,13 @@ def caption_images(model, tokenizer, images: list, image_size: int, decode: dict
 
 @torch.no_grad()
 def caption_files(model, tokenizer, paths: list, image_size: int, decode: dict,
-                  batch_size: int = 16) -> list[dict]:
+                  batch_size: int = 16, preprocess: dict | None = None) -> list[dict]:
     """Caption image files, one result per path in order. A caption: ``path``, ``caption``,
     ``words`` and per-word attention ``attention`` (L, R) for pictures of where the model looked
     (and ``score``, ``alternatives`` as ``caption_images`` gives them).
     An image that cannot be read does not stop the others: its result is ``path`` and
-    ``error`` (the one-line message naming it)."""
+    ``error`` (the one-line message naming it). ``preprocess``: the checkpoint's stored one
+    (None: ImageNet statistics at ``image_size``, as checkpoints written before it were fed)."""
     results = [{"path": str(p)} for p in paths]
     # images are read one batch at a time: a long list of big photos never sits in memory
     for start in range(0, len(paths), batch_size):
@@ -81,7 +83,7 @@ def caption_files(model, tokenizer, paths: list, image_size: int, decode: dict,
                 results[i]["error"] = str(e)
         if loaded:
             captions = caption_images(model, tokenizer, [image for _, image in loaded],
-                                      image_size, decode)
+                                      image_size, decode, preprocess=preprocess)
             for (i, _), caption in zip(loaded, captions):
                 results[i].update(caption)
     return results

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         if args.precision is not None:
             decode["precision"] = args.precision
         results = caption_files(model, tokenizer, args.images, payload["image_size"], decode,
-                                args.batch_size)
+                                args.batch_size, preprocess=payload.get("preprocess"))
     except InputError as e:  # bad checkpoint or export: one line naming it, nothing written
         print(f"error: {e}", file=sys.stderr)
         return 2

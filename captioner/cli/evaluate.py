@@ -51,6 +51,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     if decode["precision"] == "auto":
         log.info("precision: %s", auto_precision("cpu").reason)  # the model is loaded on the CPU
     datamodule = instantiate(cfg.data, image_size=payload["image_size"], eval_batch_size=cfg.batch_size)
+    datamodule.set_preprocess(payload.get("preprocess"))  # what the model was trained on
     datamodule.prepare_data()
     datamodule.set_tokenizer(tokenizer)
     if datamodule.cache_features:  # data.cache_features=true: the frozen encoder's cached features

@@ -56,6 +56,10 @@ def run(cfg: DictConfig) -> dict:
     tok = datamodule.tokenizer
     model_config = with_vocabulary(OmegaConf.to_container(cfg.model, resolve=True), tok)
     model = build_model(model_config)
+    # images as the encoder expects them (its size, resize, crop, mean/std)
+    datamodule.set_preprocess(getattr(model.encoder, "preprocess", None))
+    preprocess = datamodule.preprocess
+    log.info("preprocessing: %s", preprocess)
     if datamodule.cache_features:  # the frozen encoder whose features the loaders serve
         datamodule.set_encoder(model.encoder)
     if cfg.get("compile"):  # in place: parameter names, hence checkpoints, stay the same
@@ -66,7 +70,7 @@ def run(cfg: DictConfig) -> dict:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         scheduler_interval=cfg.get("scheduler_interval", "epoch"),
         decode=OmegaConf.to_container(cfg.decode), val_decode=OmegaConf.to_container(cfg.val_decode),
-        image_size=datamodule.image_size, **cfg.loss,
+        image_size=preprocess["size"][0], preprocess=preprocess, **cfg.loss,
     )
     n_params = sum(p.numel() for p in model.parameters())
     log.info("vocabulary %d words, model %.2fM parameters", len(tok), n_params / 1e6)

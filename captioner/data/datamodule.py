@@ -18,7 +18,13 @@ from torch.utils.data import DataLoader, Dataset
 from captioner.data.captions import CaptionDataError, ImageCaptions, read_split
 from captioner.data.feature_cache import FeatureCache, cached_features
 from captioner.data.folder import prepare_folder, split_by_hash
-from captioner.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, build_transform, load_image
+from captioner.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    build_transform,
+    load_image,
+    resolve_preprocess,
+)
 from captioner.data.tokenizer import encode, train_tokenizer
 from captioner.utils.hardware import auto_workers, spare_cores
 
@@ -135,6 +141,9 @@ class CaptionDataModule(L.LightningDataModule):
         cache_dir: where cache entries live (one folder per encoder + transform + image list).
         cache_dtype: float32, or float16 for half the disk and page cache.
         cache_batch_size: images per feature-extraction batch.
+        image_size: the square size images are resized to for encoders that take any size
+            (CNNs); encoders with a fixed input size (vision transformers) use theirs. None: the
+            encoder's own. The rest of the preprocessing is the encoder's (``set_preprocess``).
     """
 
     def __init__(
@@ -166,6 +175,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.cache_features, self.cache_dir, self.cache_dtype = cache_features, cache_dir, cache_dtype
         self.cache_batch_size = cache_batch_size
         self.encoder = None
+        self.declared_preprocess = None  # the encoder's, from set_preprocess
         self.splits, self.root, self.synthetic, self.folder = dict(splits), root, synthetic, folder
         self.image_size, self.augment = image_size, augment
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -256,6 +266,21 @@ class CaptionDataModule(L.LightningDataModule):
             return self.num_workers
         return spare_cores(torch.get_num_threads())
 
+    def set_preprocess(self, declared: dict | None) -> None:
+        """Feed images as the encoder declares (``encoder.preprocess``, or a checkpoint's stored
+        ``preprocess``); None: ImageNet statistics at ``image_size`` (the behaviour before
+        encoders declared theirs)."""
+        self.declared_preprocess = declared
+
+    @property
+    def preprocess(self) -> dict:
+        """The preprocessing the loaders apply (fixed size; stored in checkpoints)."""
+        return resolve_preprocess(self.declared_preprocess, self.image_size)
+
+    def transform(self, train: bool = False):
+        return build_transform(self.image_size, train=train, augment=self.augment,
+                               preprocess=self.declared_preprocess)
+
     def set_encoder(self, encoder) -> None:
         """The frozen encoder whose features ``cache_features`` serves."""
         self.encoder = encoder
@@ -277,7 +302,7 @@ class CaptionDataModule(L.LightningDataModule):
             log.info("data.cache_features: no encoder attached, serving images")
             return None
         return cached_features(
-            encoder, self.table(split)["path"], build_transform(self.image_size), self.cache_dir,
+            encoder, self.table(split)["path"], self.transform(), self.cache_dir,
             name=split, dtype=self.cache_dtype, batch_size=self.cache_batch_size,
             num_workers=self.extract_workers(), max_pixels=self.max_pixels,
             skip_bad_images=self.skip_bad_images,
@@ -288,7 +313,7 @@ class CaptionDataModule(L.LightningDataModule):
         if cache is not None:
             ds = CachedFeatureDataset(self.table(split), cache, self.k, train)
         else:
-            transform = build_transform(self.image_size, train=train, augment=self.augment)
+            transform = self.transform(train=train)
             ds = CaptionImageDataset(self.table(split), transform, self.k, train,
                                      self.skip_bad_images, self.max_pixels)
         # Cached features need no worker processes: a batch is one read of a memory-mapped file

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from captioner.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
-from captioner.models.encoder import inference_copy
+from captioner.models.encoders import inference_copy
 from captioner.utils.hardware import resolve_decode_precision
 
 log = logging.getLogger(__name__)

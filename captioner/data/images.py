@@ -1,4 +1,7 @@
-"""Safe image loading and the transforms (normalised with the statistics the encoders declare)."""
+"""Safe image loading and the transforms, built from the preprocessing the encoder declares
+(``encoder.preprocess``: size, resize, crop, interpolation, mean/std; see
+``models/encoders/base.make_preprocess``) and stored in checkpoints, so captioning (``caption.py``,
+a server) feeds a model exactly what its training fed it."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from captioner.models.encoder import IMAGENET_MEAN, IMAGENET_STD
+from captioner.models.encoders.base import IMAGENET_MEAN, IMAGENET_STD, make_preprocess
 from captioner.utils.errors import InputError
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -82,12 +85,61 @@ def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, *, name: str | None =
         raise ImageLoadError(f"{label}: corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
-def build_transform(image_size: int, train: bool = False, augment: bool = False):
-    """PIL image -> normalised float tensor (3, S, S). No horizontal flips: they would contradict
-    captions that say "left of"."""
-    ops = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
+def legacy_preprocess(image_size: int) -> dict:
+    """What every encoder was fed before encoders declared their preprocessing (and what a
+    checkpoint without ``preprocess`` was trained on): the whole image squashed to a square,
+    ImageNet statistics."""
+    return make_preprocess(image_size, IMAGENET_MEAN, IMAGENET_STD, any_size=True)
+
+
+def resolve_preprocess(declared: dict | None, image_size: int | None) -> dict:
+    """The preprocessing to feed: the encoder's ``declared`` one, at ``image_size``
+    (``data.image_size``) when the encoder takes any size (CNNs), else at its own size (vision
+    transformers, whose position embeddings fix it; ``image_size`` is then not used). The result
+    is fixed (``any_size`` false): checkpoints store it, evaluation and captioning reuse it."""
+    if declared is None:
+        return {**legacy_preprocess(image_size or 224), "any_size": False}
+    out = dict(declared)
+    if out.get("any_size") and image_size is not None and out["size"] != [image_size] * 2:
+        # the resize keeps its ratio to the crop (a CNN's squash: none)
+        ratio = (max(out["resize_size"]) if isinstance(out["resize_size"], list)
+                 else out["resize_size"]) / max(out["size"])
+        resize_size = round(image_size * ratio)
+        out.update(size=[image_size, image_size],
+                   resize_size=[resize_size] * 2 if out["resize"] == "squash" else resize_size)
+    out["any_size"] = False
+    return out
+
+
+def build_transform(image_size: int | None = None, train: bool = False, augment: bool = False,
+                    preprocess: dict | None = None):
+    """PIL image -> normalised float tensor (3, H, W), as ``preprocess`` says (None:
+    ``legacy_preprocess(image_size)``). No horizontal flips: they would contradict captions that
+    say "left of"."""
+    p = resolve_preprocess(preprocess, image_size)
+    size, resize_size = p["size"], p["resize_size"]
+    # bilinear is torchvision's default: leaving it implicit keeps the transform's repr, hence
+    # the feature-cache keys of every encoder configured before preprocessing was declared
+    interp = ({} if p["interpolation"] == "bilinear"
+              else {"interpolation": v2.InterpolationMode(p["interpolation"])})
+    if p["resize"] == "squash":
+        ops = [v2.ToImage(), v2.Resize(tuple(resize_size), antialias=True, **interp)]
+        resized = list(resize_size)
+    else:  # the shorter side to resize_size, aspect kept: crop needed whatever the sizes
+        ops = [v2.ToImage(), v2.Resize(resize_size, antialias=True, **interp)]
+        resized = None
+    if resized != size:
+        ops.append(v2.CenterCrop(tuple(size)))
     if train and augment:
         ops.append(v2.ColorJitter(0.1, 0.1, 0.1))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    mean, std = p["mean"], p["std"]
+    if [round(m, 6) for m in mean] == list(IMAGENET_MEAN) and [round(s, 6) for s in std] == list(IMAGENET_STD):
+        mean, std = IMAGENET_MEAN, IMAGENET_STD  # the same repr as before (cache keys)
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(ops)
 
+
+def checkpoint_transform(payload: dict):
+    """The eval transform a checkpoint's model was trained with: its stored ``preprocess``, or
+    (checkpoints written before it) ImageNet statistics at its ``image_size``."""
+    return build_transform(payload.get("image_size"), preprocess=payload.get("preprocess"))

@@ -14,13 +14,21 @@ import functools
 import inspect
 
 from captioner.models.captioner import Captioner
-from captioner.models.encoder import CNNEncoder, EfficientNetLiteEncoder
+from captioner.models.encoders import (
+    ENCODER_CLASSES,
+    CNNEncoder,
+    EfficientNetLiteEncoder,
+    from_checkpoint,
+)
 from captioner.models.lstm_decoder import LSTMDecoder
 from captioner.models.transformer_decoder import TransformerDecoder
 
 CAPTIONERS = {"captioner.models.captioner.Captioner": Captioner}
-ENCODERS = {"captioner.models.encoder.CNNEncoder": CNNEncoder,
-            "captioner.models.encoder.EfficientNetLiteEncoder": EfficientNetLiteEncoder}
+# Each encoder class under the module that defines it, plus the two the configs and checkpoints
+# written before the encoders package name (``captioner.models.encoder`` re-exports them).
+ENCODERS = {f"{c.__module__}.{c.__name__}": c for c in ENCODER_CLASSES} | {
+    "captioner.models.encoder.CNNEncoder": CNNEncoder,
+    "captioner.models.encoder.EfficientNetLiteEncoder": EfficientNetLiteEncoder}
 DECODERS = {"captioner.models.lstm_decoder.LSTMDecoder": LSTMDecoder,
             "captioner.models.transformer_decoder.TransformerDecoder": TransformerDecoder}
 SCALARS = (str, int, float, bool, type(None))
@@ -86,8 +94,17 @@ def check_model_config(config: dict) -> None:
     _check(config)
 
 
-def build_captioner(config: dict) -> Captioner:
-    """The model of a plain-data config, checked in full before any constructor runs."""
+def build_captioner(config: dict, stored_encoder: dict | None = None) -> Captioner:
+    """The model of a plain-data config, checked in full before any constructor runs.
+
+    ``stored_encoder``: the architecture record a checkpoint holds (None: not building from a
+    checkpoint). With it the encoder is built without its pretrained files, which the
+    checkpoint's weights replace anyway (``encoders.base.from_checkpoint``)."""
     cls, top, (enc_cls, enc), (dec_cls, dec) = _check(config)
     rest = {k: v for k, v in top.items() if k not in ("encoder", "decoder")}
-    return cls(encoder=enc_cls(**enc), decoder=functools.partial(dec_cls, **dec), **rest)
+    if stored_encoder is None:
+        encoder = enc_cls(**enc)
+    else:
+        with from_checkpoint(stored_encoder):
+            encoder = enc_cls(**enc)
+    return cls(encoder=encoder, decoder=functools.partial(dec_cls, **dec), **rest)

@@ -55,10 +55,15 @@ class TorchCaptionModel:
 
         model, self.tokenizer, payload = load_checkpoint(checkpoint, map_location=device)
         self.model = model.to(device).eval()
+        from captioner.data.images import resolve_preprocess
+
         self.image_size = int(payload["image_size"])
+        # what training fed the encoder (size, crop, mean/std); None for older checkpoints
+        self.preprocess = payload.get("preprocess")
         self.decode = decode_settings(payload["decode"])
+        height, width = resolve_preprocess(self.preprocess, self.image_size)["size"]
         with torch.no_grad():  # the grid the attention lives on (and a warm-up)
-            probe = torch.zeros(1, 3, self.image_size, self.image_size, device=device)
+            probe = torch.zeros(1, 3, height, width, device=device)
             regions = self.model.encode(probe).shape[1]  # (1, R, C)
         side = round(regions**0.5)
         grid = [side, side] if side * side == regions else [1, regions]
@@ -86,7 +91,7 @@ class TorchCaptionModel:
         decode = {**self.decode, "method": "greedy" if settings.beam_size == 1 else "beam",
                   "beam_size": settings.beam_size, "max_length": settings.max_length}
         results = caption_images(self.model, self.tokenizer, images, self.image_size, decode,
-                                 num_return=settings.alternatives)
+                                 num_return=settings.alternatives, preprocess=self.preprocess)
         out = []
         for r in results:
             item = {"caption": r["caption"], "words": r["words"], "score": _finite(r["score"]),

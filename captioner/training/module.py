@@ -15,7 +15,7 @@ from captioner.metrics.bleu import bleu
 from captioner.metrics.cider import cider_d
 from captioner.metrics.text import tokenize
 from captioner.models.captioner import Captioner
-from captioner.models.encoder import encoder_param_groups
+from captioner.models.encoders import encoder_param_groups
 from captioner.training.schedules import build_scheduler, scheduled_sampling_prob
 from captioner.training.scst import CiderReward, rewards_and_baseline, self_critical_loss
 
@@ -58,6 +58,8 @@ class CaptioningModule(L.LightningModule):
         scst: ``{num_samples, baseline: greedy|mean, max_length, temperature}`` or None:
             self-critical training with the CIDEr-D reward instead of cross-entropy.
         image_size: the training image size, stored so that captioning resizes the same way.
+        preprocess: the whole input transform the encoder was trained on
+            (``CaptionDataModule.preprocess``), stored in checkpoints for captioning.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class CaptioningModule(L.LightningModule):
         scheduled_sampling: dict | None = None,
         scst: dict | None = None,
         image_size: int = 224,
+        preprocess: dict | None = None,
     ):
         super().__init__()
         self.model, self.tokenizer, self.model_config = model, tokenizer, model_config
@@ -85,6 +88,7 @@ class CaptioningModule(L.LightningModule):
         self.alpha_c = model.decoder.default_alpha_c if alpha_c is None else alpha_c
         self.label_smoothing = label_smoothing
         self.image_size = image_size
+        self.preprocess = dict(preprocess) if preprocess else None
         self.scheduled_sampling = dict(scheduled_sampling) if scheduled_sampling else None
         self.scst = {"num_samples": 5, "baseline": "greedy", "max_length": 20, "temperature": 1.0,
                      **scst} if scst else None
@@ -230,4 +234,7 @@ class CaptioningModule(L.LightningModule):
                                  "monitor": "val/cider"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint.update(checkpoint_payload(self.model_config, self.tokenizer, self.decode, self.image_size))
+        encoder = self.model.encoder
+        checkpoint.update(checkpoint_payload(
+            self.model_config, self.tokenizer, self.decode, self.image_size, self.preprocess,
+            encoder.architecture() if hasattr(encoder, "architecture") else None))

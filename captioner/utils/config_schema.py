@@ -71,7 +71,7 @@ COMMON = {
     "data.eval_batch_size": integer(1, null=True),
     "data.num_workers": integer(0, null=True),
     "data.cache_batch_size": integer(1),
-    "data.image_size": integer(1),
+    "data.image_size": integer(1, null=True),  # null: the encoder's own input size
     "data.captions_per_image": integer(1),
     "data.max_caption_length": integer(1),
     "data.min_word_frequency": integer(1),
