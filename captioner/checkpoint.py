@@ -126,15 +126,7 @@ def load_checkpoint(path, map_location="cpu"):
     every weight."""
     ckpt = read_checkpoint(path, map_location)
     payload = ckpt[KEY]
-    try:
-        tokenizer = tokenizer_from_json(payload["tokenizer"])
-    except Exception as e:
-        raise CheckpointError(f"{path}: stored tokenizer does not load ({type(e).__name__}: {e})") from None
     config = payload["model_config"]
-    if isinstance(config, dict) and "unk_id" not in config:
-        # saved before the search banned <unk> and bad endings: their ids come from its tokenizer
-        vocab = with_vocabulary({}, tokenizer)
-        config = {**config, "unk_id": vocab["unk_id"], "bad_ending_ids": vocab["bad_ending_ids"]}
     try:
         stored = payload.get("encoder")
         model = build_model(config, stored if isinstance(stored, dict) else {})
@@ -144,4 +136,12 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path}: stored model config does not build: {str(e).splitlines()[0][:300]}") from None
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     load_weights(path, model, state)
+    try:
+        tokenizer = tokenizer_from_json(payload["tokenizer"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: stored tokenizer does not load ({type(e).__name__}: {e})") from None
+    if "unk_id" not in config:
+        # saved before the search banned <unk> and bad endings: their ids come from its tokenizer
+        vocab = with_vocabulary({}, tokenizer)
+        model.unk_id, model.bad_ending_ids = vocab["unk_id"], vocab["bad_ending_ids"]
     return model.eval(), tokenizer, payload

@@ -131,7 +131,9 @@ def test_export_writes_dynamic_axes_and_states_its_opset(exported):
 
     _, directory = exported
     config = json.loads((directory / CONFIG).read_text())
-    assert config["special_ids"] == {"pad": 0, "bos": 1, "eos": 2}
+    ids = config["special_ids"]
+    assert {k: ids[k] for k in ("pad", "bos", "eos", "unk")} == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
+    assert ids["bad_endings"] and 3 not in ids["bad_endings"]  # the search's bans travel too
     assert config["decode"]["beam_size"] == 3 and config["preprocess"]["image_size"] == IMAGE_SIZE
     step = onnx.load(str(directory / FILES["step"]))
     assert [o.version for o in step.opset_import if o.domain in ("", "ai.onnx")] == [config["opset"]]

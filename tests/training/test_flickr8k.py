@@ -37,7 +37,8 @@ def test_make_flickr8k_chain_on_a_tiny_subset(tmp_path):
          "1", "--beams", "1,2", "--out", str(out), *benchmark_subset("flickr8k", tmp_path, 16),
          "data.min_word_frequency=1", "data.image_size=64", "data.batch_size=8",
          "model.decoder.hidden_size=64", "model.decoder.embed_dim=32",
-         "model.decoder.attention_dim=32", "threads=1", f"data.cache_dir={tmp_path / 'cache'}"],
+         "model.decoder.attention_dim=32", "threads=1", f"data.cache_dir={tmp_path / 'cache'}",
+         "trainer.limit_train_batches=1.0"],  # (the preset's quarter epoch of 2 batches is none)
         cwd=ROOT, check=True)
     results = json.loads((out / "results.json").read_text())
     assert set(results["test"]) == set(results["val"]) == {"self-critical", "cross-entropy"}
