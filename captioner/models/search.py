@@ -44,6 +44,15 @@ class Constraints:
     unk_id: int | None = None
     bad_ending_ids: Sequence[int] = ()
 
+    def _bad_mask(self, V: int, device) -> Tensor:
+        """(V,) True at the bad-ending words: built once per search, not once per step."""
+        mask = getattr(self, "_bad", None)
+        if mask is None or mask.size(0) != V or mask.device != device:
+            mask = torch.zeros(V, dtype=torch.bool, device=device)
+            mask[list(self.bad_ending_ids)] = True
+            self._bad = mask
+        return mask
+
     def active(self, t: int) -> bool:
         return (t < self.min_length or self.no_repeat_ngram_size > 0 or self.unk_id is not None
                 or len(self.bad_ending_ids) > 0)
@@ -61,9 +70,7 @@ class Constraints:
         if self.unk_id is not None:
             banned[:, self.unk_id] = True
         if len(self.bad_ending_ids) and t > 0:
-            bad = torch.zeros(V, dtype=torch.bool, device=logp.device)
-            bad[list(self.bad_ending_ids)] = True  # (V,)
-            banned[:, self.eos_id] |= bad[hist[:, -1]]
+            banned[:, self.eos_id] |= self._bad_mask(V, logp.device)[hist[:, -1]]
         n = self.no_repeat_ngram_size
         if n > 0 and t >= n:
             # a token is banned if the last n-1 tokens followed by it already occur earlier

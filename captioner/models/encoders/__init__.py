@@ -20,7 +20,6 @@ from captioner.models.encoders.efficientnet_lite import (
     LITE_VARIANTS,
     EfficientNetLiteEncoder,
     efficientnet_lite,
-    efficientnet_lite0,
 )
 from captioner.models.encoders.huggingface import HFEncoder
 from captioner.models.encoders.open_clip import OpenCLIPEncoder
@@ -34,6 +33,6 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "LITE_MEAN", "LITE_STD", "LITE_VARIANTS", "ENCODER_CLASSES",
     "CNNEncoder", "EfficientNetLiteEncoder", "EncoderWeightsError", "GridEncoder", "HFEncoder",
     "OpenCLIPEncoder", "TimmEncoder", "TokenEncoder", "TorchvisionViTEncoder",
-    "efficientnet_lite", "efficientnet_lite0", "encoder_param_groups", "from_checkpoint",
+    "efficientnet_lite", "encoder_param_groups", "from_checkpoint",
     "inference_copy", "make_preprocess",
 ]

@@ -61,10 +61,6 @@ def efficientnet_lite(variant: int = 0, pretrained: bool = True) -> nn.Module:
     return model
 
 
-def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
-    return efficientnet_lite(0, pretrained)
-
-
 class EfficientNetLiteEncoder(GridEncoder):
     """EfficientNet-Lite0/1/2: (B, 3, H, W) -> (B, R, 1280), stride 32 (7x7 regions at 224 px;
     the models were trained at 224, 240 and 260 px).
