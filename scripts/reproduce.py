@@ -2,7 +2,7 @@
 
     python scripts/reproduce.py flickr8k|rsicd [--decoder lstm_attention|transformer]
         [--encoder pretrained|random] [--no-scst] [--ce-epochs N] [--scst-epochs N]
-        [--beams 1,3,5] [--out DIR] [train.py overrides ...]
+        [--beams 1,3,5] [--length-penalties 0,1] [--out DIR] [train.py overrides ...]
 
 Runs, each a plain ``train.py`` / ``evaluate.py`` command printed before it starts:
   1. cross-entropy training (experiment=<data>[_transformer]): the frozen encoder's features are
@@ -10,8 +10,9 @@ Runs, each a plain ``train.py`` / ``evaluate.py`` command printed before it star
   2. self-critical training from stage 1's best checkpoint (experiment=<...>_scst); both stages
      keep the checkpoint with the best val CIDEr-D (greedy, after every epoch);
   3. selection on **val**: each stage's checkpoint decoded with every beam size of ``--beams``
-     (one ``evaluate.py -m`` sweep over both) and scored with pycocoevalcap; each stage keeps its
-     best beam size, and the stage with the best val CIDEr-D is the run's model;
+     and length penalty of ``--length-penalties`` (one ``evaluate.py -m`` sweep over both) and
+     scored with pycocoevalcap; each stage keeps its best setting, and the stage with the best val
+     CIDEr-D is the run's model;
   4. the **test** split decoded once per stage with the settings chosen on val, and scored.
 Nothing is chosen on test. Writes ``results.json`` and ``results.md`` (the published table plus
 this run's val and test rows, wall time per stage) into ``outputs/<data>/<time>-<decoder>-<encoder>/``.
@@ -86,6 +87,13 @@ class Clock:
         self.times[name] = time.time() - t
 
 
+def setting(decode: dict) -> str:
+    """A decoding setting as a table shows it: ``beam 5, length penalty 1.0``."""
+    if decode["beam_size"] == 1:
+        return "greedy"
+    return f"beam {decode['beam_size']}, length penalty {decode.get('length_penalty') or 0}"
+
+
 def fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
@@ -104,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ce-epochs", type=int, help="override the preset's cross-entropy epochs")
     p.add_argument("--scst-epochs", type=int, help="override the preset's self-critical epochs")
     p.add_argument("--beams", default="1,3,5", help="beam sizes tried on val (1 = greedy)")
+    p.add_argument("--length-penalties", default="0,1",
+                   help="beam length penalties tried on val (decode.length_penalty; > 0 favours "
+                        "longer captions)")
     p.add_argument("--out", type=Path, help="default: outputs/<data>/<time>-<decoder>-<encoder>")
     p.add_argument("overrides", nargs="*",
                    help="extra train.py overrides for both stages (data.* ones also for evaluate.py)")
@@ -144,24 +155,29 @@ def main(argv=None) -> None:
 
     # selection on val: every stage x beam size in one sweep, scored with pycocoevalcap
     sweep = out / "val_selection"
-    clock.stage(f"selection on val (beam sizes {args.beams})",
+    clock.stage(f"selection on val (beam sizes {args.beams}, length penalties "
+                f"{args.length_penalties})",
                 ["evaluate.py", "-m", "split=val", f"ckpt_path={','.join(map(str, ckpts.values()))}",
                  "decode.method=beam", f"decode.beam_size={args.beams}",
+                 f"decode.length_penalty={args.length_penalties}",
                  f"hydra.sweep.dir={sweep}", *data_args])
     runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics_val.json"))]
     val: dict[str, dict] = {}
     for name, ckpt in ckpts.items():
-        mine = [r for r in runs if Path(r["checkpoint"]) == ckpt.resolve()]
-        val[name] = {**max(mine, key=lambda r: r["metrics"]["cider"]),
-                     "tried": {r["decode"]["beam_size"]: r["metrics"]["cider"] for r in mine}}
+        mine = [r for r in runs if Path(r["checkpoint"]) == ckpt.resolve()
+                and not (r["decode"]["beam_size"] == 1 and r["decode"].get("length_penalty"))]
+        val[name] = {**max(mine, key=lambda r: r["metrics"]["cider"]),  # greedy: one penalty
+                     "tried": {setting(r["decode"]): r["metrics"]["cider"] for r in mine}}
     chosen = max(val, key=lambda n: val[n]["metrics"]["cider"])
 
     test: dict[str, dict] = {}
     for name, ckpt in ckpts.items():
         eval_dir = out / f"test_{name}"
-        clock.stage(f"test ({name}, beam {val[name]['decode']['beam_size']} chosen on val)",
+        chosen_decode = val[name]["decode"]
+        clock.stage(f"test ({name}, {setting(chosen_decode)} chosen on val)",
                     ["evaluate.py", f"ckpt_path={ckpt}", "decode.method=beam",
-                     f"decode.beam_size={val[name]['decode']['beam_size']}",
+                     f"decode.beam_size={chosen_decode['beam_size']}",
+                     f"decode.length_penalty={chosen_decode['length_penalty']}",
                      f"hydra.run.dir={eval_dir}", *data_args])
         test[name] = json.loads((eval_dir / "metrics_test.json").read_text())
     wall = time.time() - clock.start
@@ -173,13 +189,13 @@ def main(argv=None) -> None:
     table += [row(n, m) for n, m in bench.published]
     for name in reversed(stage_names):  # the final model first
         mark = "**" if name == chosen else ""
-        table.append(row(f"{mark}{label}, {name}, beam {val[name]['decode']['beam_size']}{mark}",
+        table.append(row(f"{mark}{label}, {name}, {setting(val[name]['decode'])}{mark}",
                          test[name]["metrics"]))
     table += ["", "Validation (what was selected on):", "", head, "|---" * (len(METRICS) + 1) + "|"]
     for name in reversed(stage_names):
-        tried = ", ".join(f"{b}: {c:.3f}" for b, c in sorted(val[name]["tried"].items()))
-        table.append(row(f"{label}, {name}, beam {val[name]['decode']['beam_size']} "
-                         f"(CIDEr-D by beam size: {tried})", val[name]["metrics"]))
+        tried = ", ".join(f"{b}: {c:.3f}" for b, c in val[name]["tried"].items())
+        table.append(row(f"{label}, {name}, {setting(val[name]['decode'])} "
+                         f"(CIDEr-D of each setting: {tried})", val[name]["metrics"]))
     summary = {
         "date": stamp, "machine": machine_line(), "python": platform.python_version(),
         "wall_time_s": round(wall), "stage_times_s": {k: round(v) for k, v in clock.times.items()},

@@ -39,7 +39,8 @@ def load_onnx(directory: Path, threads: int | None):
     from captioner.export.onnx_runtime import load
 
     model = load(directory, threads)
-    return model, model.tokenizer, {"decode": model.decode, "image_size": model.image_size}
+    return model, model.tokenizer, {"decode": model.decode, "image_size": model.image_size,
+                                    "preprocess": model.preprocess}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""captioner-serve --checkpoint PATH [--host 127.0.0.1] [--port 8000] [--max-batch-size 16] ..."""
+"""captioner-serve --checkpoint PATH | --onnx DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 16] ..."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(batched), GET /health, GET /info, the web page at /, the API docs at /docs.")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint (default: best of the newest run under outputs/train)")
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="an ONNX export directory (captioner-export) instead of a checkpoint; "
+                        "runs on the CPU with ONNX Runtime")
     p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
                    help="127.0.0.1: this machine only (default); 0.0.0.0 / ::: every interface")
     p.add_argument("--port", type=int, default=8000)
@@ -43,7 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="largest max_length a request may ask for")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.onnx is not None and args.checkpoint is not None:
+        p.error("--onnx and --checkpoint exclude each other")
+    if args.onnx is not None and args.accelerator == "cuda":
+        p.error("--onnx runs on the CPU: --accelerator cuda does not apply")
+    return args
 
 
 def port_free(host: str, port: int) -> str | None:
@@ -90,7 +98,7 @@ def main(argv=None) -> int:
     from captioner.utils.errors import InputError
 
     try:
-        checkpoint = args.checkpoint or newest_checkpoint()
+        checkpoint = args.onnx or args.checkpoint or newest_checkpoint()
         # loaded here once, so a bad checkpoint stops the server with one line before any
         # worker starts; the worker process loads its own copy
         info = load_caption_model(checkpoint, "cpu").info
@@ -102,7 +110,7 @@ def main(argv=None) -> int:
                     max_length=args.max_length)
     config = ServeConfig(str(checkpoint), max_batch_size=args.max_batch_size,
                          batch_timeout_ms=args.batch_timeout_ms, threads=args.threads,
-                         accelerator=args.accelerator, timeout_s=args.timeout, limits=limits)
+                         accelerator="cpu" if args.onnx else args.accelerator, timeout_s=args.timeout, limits=limits)
     server = build_server(config, info)
     # LitServe shuts its worker processes down on KeyboardInterrupt; a plain SIGTERM (kill,
     # systemd, docker stop) would end this process alone and orphan them

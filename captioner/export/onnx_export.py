@@ -21,12 +21,8 @@ from torch.export import Dim
 
 from captioner.data.tokenizer import tokenizer_to_json
 from captioner.export.graphs import EncoderGraph, InitStateGraph, StepGraph
-from captioner.models.encoder import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    CNNEncoder,
-    EfficientNetLiteEncoder,
-)
+from captioner.data.images import resolve_preprocess
+from captioner.models.encoder import CNNEncoder, EfficientNetLiteEncoder
 from captioner.models.lstm_decoder import LSTMDecoder
 from captioner.models.transformer_decoder import TransformerDecoder
 from captioner.utils.errors import InputError
@@ -120,15 +116,17 @@ def _verify(data: bytes, module, args, names_in, graph: str, where: str) -> None
 
 
 def export_model(model, tokenizer, decode: dict, image_size: int, out: Path, opset: int = OPSET,
-                 where: str = "model") -> dict:
-    """Write the five files of an export into ``out``; returns the config written."""
+                 where: str = "model", preprocess: dict | None = None) -> dict:
+    """Write the five files of an export into ``out``; returns the config written.
+    ``preprocess``: the checkpoint's stored one (None: ImageNet statistics at ``image_size``)."""
     if not MIN_OPSET <= opset <= max_opset():
         raise ExportError(f"opset {opset} is not supported: this exporter writes opsets "
                           f"{MIN_OPSET}..{max_opset()}")
     check_supported(model, where)
     model = model.eval()
     dec = model.decoder
-    images = torch.randn(EXAMPLE_IMAGES, 3, image_size, image_size)  # (B, 3, S, S)
+    preprocess = resolve_preprocess(preprocess, image_size)
+    images = torch.randn(EXAMPLE_IMAGES, 3, *preprocess["size"])  # (B, 3, H, W)
     B, rows = Dim("images", min=1), Dim("rows", min=1)
     with torch.no_grad():
         features = model.encode(images)  # (B, R, C)
@@ -158,8 +156,9 @@ def export_model(model, tokenizer, decode: dict, image_size: int, out: Path, ops
                         "unk": model.unk_id, "bad_endings": list(model.bad_ending_ids)},
         "vocab_size": dec.vocab_size,
         "decode": {k: v for k, v in decode.items() if k != "precision"},
-        "preprocess": {"image_size": image_size, "resize": "bilinear, antialias", "scale": 1 / 255,
-                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "NCHW RGB"},
+        # the checkpoint's own preprocessing (``data/images.py`` builds the transform from it)
+        "preprocess": {**preprocess, "image_size": image_size,
+                       "scale": 1 / 255, "layout": "NCHW RGB"},
         "features": {"regions": features.size(1), "channels": features.size(2)},
         "decoder": {"class": type(dec).__name__, "state": keys, "static_state_keys": static,
                     "moving_state_keys": moving,
@@ -180,4 +179,4 @@ def export_checkpoint(checkpoint, out, opset: int = OPSET) -> dict:
 
     model, tokenizer, payload = load_checkpoint(checkpoint)
     return export_model(model, tokenizer, payload["decode"], payload["image_size"], Path(out),
-                        opset, where=str(checkpoint))
+                        opset, where=str(checkpoint), preprocess=payload.get("preprocess"))

@@ -128,6 +128,8 @@ class OnnxCaptioner:
         # the search's bans, as ``Captioner._bans`` (absent from exports made before them)
         self.unk_id, self.bad_ending_ids = ids.get("unk"), list(ids.get("bad_endings", ()))
         self.image_size = config["preprocess"]["image_size"]
+        # the checkpoint's preprocessing (exports before it was stored: None, ImageNet statistics)
+        self.preprocess = config["preprocess"] if "size" in config["preprocess"] else None
         self.decode = dict(config["decode"])
 
     def eval(self):  # what callers of the torch model do first
@@ -157,7 +159,8 @@ class OnnxCaptioner:
         from captioner.inference import caption_files, decode_settings
 
         settings = decode_settings(self.decode, decode)
-        return caption_files(self, self.tokenizer, paths, self.image_size, settings, batch_size)
+        return caption_files(self, self.tokenizer, paths, self.image_size, settings, batch_size,
+                             preprocess=self.preprocess)
 
 
 def load(directory, threads: int | None = None) -> OnnxCaptioner:

@@ -1,8 +1,8 @@
 """The model handle the server calls: a batch of PIL images and one set of decode settings in,
 one caption result per image out.
 
-The server knows nothing else about the model, so a runtime other than PyTorch (an ONNX export)
-plugs in by implementing ``CaptionModel`` and being returned by ``load_caption_model``."""
+The server knows nothing else about the model: ``load_caption_model`` returns the PyTorch
+checkpoint's handle or an ONNX export's, both running the same search."""
 
 from __future__ import annotations
 
@@ -43,45 +43,34 @@ def _finite(x: float) -> float | None:
     return x if x == x and abs(x) != float("inf") else None  # JSON has no inf / nan
 
 
-class TorchCaptionModel:
-    """A captioner checkpoint run with PyTorch, read under the checkpoint rules
-    (``checkpoint.load_checkpoint``: ``weights_only``, format version, allowlisted classes)."""
+class _SearchCaptionModel:
+    """A model with ``Captioner``'s inference calls (``encode``, ``generate``) behind the server:
+    the PyTorch checkpoint and the ONNX export differ only in how they are loaded."""
 
-    def __init__(self, checkpoint, device: str = "cpu"):
+    def __init__(self, model, tokenizer, image_size: int, preprocess: dict | None, decode: dict,
+                 info: dict, device: str = "cpu"):
         import torch
 
-        from captioner.checkpoint import load_checkpoint
-        from captioner.inference import decode_settings
-
-        model, self.tokenizer, payload = load_checkpoint(checkpoint, map_location=device)
-        self.model = model.to(device).eval()
         from captioner.data.images import resolve_preprocess
 
-        self.image_size = int(payload["image_size"])
+        self.model, self.tokenizer, self.image_size = model, tokenizer, int(image_size)
         # what training fed the encoder (size, crop, mean/std); None for older checkpoints
-        self.preprocess = payload.get("preprocess")
-        self.decode = decode_settings(payload["decode"])
-        height, width = resolve_preprocess(self.preprocess, self.image_size)["size"]
+        self.preprocess = preprocess
+        self.decode = decode
+        height, width = resolve_preprocess(preprocess, self.image_size)["size"]
         with torch.no_grad():  # the grid the attention lives on (and a warm-up)
             probe = torch.zeros(1, 3, height, width, device=device)
-            regions = self.model.encode(probe).shape[1]  # (1, R, C)
+            regions = model.encode(probe).shape[1]  # (1, R, C)
         side = round(regions**0.5)
-        grid = [side, side] if side * side == regions else [1, regions]
-        config = payload["model_config"]
-        encoder = {k: v for k, v in config["encoder"].items() if k != "_target_"}
-        encoder["class"] = config["encoder"]["_target_"].rsplit(".", 1)[1]
-        method = self.decode.get("method", "greedy")
+        method = decode.get("method", "greedy")
         self.info = {
-            "name": Path(checkpoint).name,
-            "runtime": "pytorch",
-            "decoder": config["decoder"]["_target_"].rsplit(".", 1)[1],
-            "encoder": encoder,
-            "vocab_size": len(self.tokenizer),
+            **info,
+            "vocab_size": len(tokenizer),
             "image_size": self.image_size,
-            "grid": grid,
-            "decode": {"beam_size": 1 if method == "greedy" else int(self.decode.get("beam_size", 3)),
-                       "max_length": int(self.decode.get("max_length", 20)),
-                       **{k: v for k, v in self.decode.items()
+            "grid": [side, side] if side * side == regions else [1, regions],
+            "decode": {"beam_size": 1 if method == "greedy" else int(decode.get("beam_size", 3)),
+                       "max_length": int(decode.get("max_length", 20)),
+                       **{k: v for k, v in decode.items()
                           if k not in ("method", "beam_size", "max_length")}},
         }
 
@@ -104,7 +93,48 @@ class TorchCaptionModel:
         return out
 
 
+class TorchCaptionModel(_SearchCaptionModel):
+    """A captioner checkpoint run with PyTorch, read under the checkpoint rules
+    (``checkpoint.load_checkpoint``: ``weights_only``, format version, allowlisted classes)."""
+
+    def __init__(self, checkpoint, device: str = "cpu"):
+        from captioner.checkpoint import load_checkpoint
+        from captioner.inference import decode_settings
+
+        model, tokenizer, payload = load_checkpoint(checkpoint, map_location=device)
+        config = payload["model_config"]
+        encoder = {k: v for k, v in config["encoder"].items() if k != "_target_"}
+        encoder["class"] = config["encoder"]["_target_"].rsplit(".", 1)[1]
+        info = {"name": Path(checkpoint).name, "runtime": "pytorch",
+                "decoder": config["decoder"]["_target_"].rsplit(".", 1)[1], "encoder": encoder}
+        super().__init__(model.to(device).eval(), tokenizer, payload["image_size"],
+                         payload.get("preprocess"), decode_settings(payload["decode"]), info, device)
+
+
+class OnnxCaptionModel(_SearchCaptionModel):
+    """An ONNX export directory (``captioner-export``) run with ONNX Runtime on the CPU; the
+    search is the same as the PyTorch model's (``export/onnx_runtime.py``)."""
+
+    def __init__(self, directory):
+        from captioner.export.onnx_runtime import load
+        from captioner.inference import decode_settings
+
+        model = load(directory)  # ONNX Runtime threads: torch's (the server set them)
+        info = {"name": Path(directory).name, "runtime": "onnxruntime",
+                "decoder": model.config["decoder"]["class"],
+                "encoder": {"features": model.config["features"]}}
+        super().__init__(model, model.tokenizer, model.image_size, model.preprocess,
+                         decode_settings(model.decode), info)
+
+
 def load_caption_model(path, device: str = "cpu") -> CaptionModel:
-    """The handle for a model file: a captioner checkpoint (``.ckpt``, or any file torch reads).
-    Raises ``checkpoint.CheckpointError`` (one line naming the file) for a bad one."""
+    """The handle for a model: a directory is an ONNX export (``captioner-export``, CPU only),
+    a file a captioner checkpoint (``.ckpt``, or any file torch reads). Raises an ``InputError``
+    (one line naming the file or directory) for a bad one."""
+    if Path(path).is_dir():
+        if device != "cpu":
+            from captioner.export.onnx_runtime import OnnxLoadError
+
+            raise OnnxLoadError(f"{path}: an ONNX export runs on the CPU only (not {device})")
+        return OnnxCaptionModel(path)
     return TorchCaptionModel(path, device)

@@ -62,7 +62,10 @@ def decode_rules(prefix: str, null: bool = False) -> dict:
             f"{prefix}.max_length": integer(1, null=null),
             f"{prefix}.precision": one_of(*DECODE_PRECISIONS),
             f"{prefix}.ban_unk": one_of(True, False, *((None,) if null else ())),
-            f"{prefix}.ban_bad_endings": one_of(True, False, *((None,) if null else ()))}
+            f"{prefix}.ban_bad_endings": one_of(True, False, *((None,) if null else ())),
+            f"{prefix}.min_length": integer(0, null=True),
+            f"{prefix}.length_penalty": number(low=0, null=True),
+            f"{prefix}.no_repeat_ngram_size": integer(0, null=True)}
 
 
 COMMON = {

@@ -35,7 +35,8 @@ EOS_SCALE = {"lstm": 2.5, "transformer": 1.5}
 IMAGE_SIZE, MAX_LENGTH, NUM_IMAGES = 32, 12, 50
 
 
-def write_checkpoint(path: Path, decoder: dict, eos_scale: float = 2.5, seed: int = 0) -> Path:
+def write_checkpoint(path: Path, decoder: dict, eos_scale: float = 2.5, seed: int = 0,
+                     preprocess: dict | None = None) -> Path:
     """A complete checkpoint of an untrained model whose weights are spread wide enough that its
     captions vary between images and end at different lengths (the default initialisation of a
     tiny model repeats one word and never ends)."""
@@ -52,7 +53,7 @@ def write_checkpoint(path: Path, decoder: dict, eos_scale: float = 2.5, seed: in
         out.weight[tok.eos_token_id] *= eos_scale  # EOS wins at times
     decode = {"method": "beam", "beam_size": 3, "max_length": MAX_LENGTH}
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                **checkpoint_payload(config, tok, decode, IMAGE_SIZE)}, path)
+                **checkpoint_payload(config, tok, decode, IMAGE_SIZE, preprocess)}, path)
     return path
 
 
@@ -124,6 +125,57 @@ def test_caption_cli_with_onnx_prints_the_checkpoints_captions(exported, tmp_pat
     # the loader a server uses: the same captions, with the export's decoding defaults
     captions = [r["caption"] for r in load(directory).caption_files(paths, max_length=MAX_LENGTH)]
     assert captions == [line.split("\t")[1] for line in want.splitlines()]
+
+
+def test_export_feeds_the_checkpoints_own_preprocessing(tmp_path, capsys):
+    """Not ImageNet statistics: the stored preprocessing (here CLIP-like statistics, the shorter
+    side resized and a centre crop) travels into config.json and captioning with the export
+    feeds what the checkpoint's model is fed."""
+    from captioner.models.encoders.base import make_preprocess
+
+    preprocess = make_preprocess(IMAGE_SIZE, [0.48, 0.46, 0.41], [0.27, 0.26, 0.28],
+                                 interpolation="bicubic", resize="shorter", resize_size=36)
+    ckpt = write_checkpoint(tmp_path / "model.ckpt", DECODERS["lstm"], EOS_SCALE["lstm"],
+                            preprocess=preprocess)
+    assert export_cli.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "export")]) == 0
+    stored = json.loads((tmp_path / "export" / CONFIG).read_text())["preprocess"]
+    assert {k: stored[k] for k in ("size", "resize", "resize_size", "mean", "std", "interpolation")} == {
+        k: preprocess[k] for k in ("size", "resize", "resize_size", "mean", "std", "interpolation")}
+    paths = []
+    for i in range(6):  # wide and tall photos of noise: the crop and statistics matter
+        torch.manual_seed(i)
+        pixels = (torch.rand(30 + 20 * (i % 2), 50 - 20 * (i % 2), 3) * 255).byte().numpy()
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    args = [*map(str, paths), "--max-length", str(MAX_LENGTH), "--precision", "fp32"]
+    capsys.readouterr()
+    assert caption_cli.main([*args, "--checkpoint", str(ckpt)]) == 0
+    want = capsys.readouterr().out
+    assert caption_cli.main([*args, "--onnx", str(tmp_path / "export")]) == 0
+    assert capsys.readouterr().out == want
+
+
+def test_server_handle_of_an_export_answers_as_the_checkpoints(exported):
+    """``captioner-serve --onnx DIR``: the server's model handle for an export gives the
+    PyTorch handle's captions, alternatives, scores and attention."""
+    from captioner.serve.model import DecodeSettings, OnnxCaptionModel, load_caption_model
+
+    ckpt, directory = exported
+    torch_model, onnx_model = load_caption_model(ckpt), load_caption_model(directory)
+    assert isinstance(onnx_model, OnnxCaptionModel)
+    assert onnx_model.info["runtime"] == "onnxruntime"
+    assert onnx_model.info["grid"] == torch_model.info["grid"]
+    assert onnx_model.info["decode"]["beam_size"] == torch_model.info["decode"]["beam_size"]
+    photos = [Image.new("RGB", (40, 30), c) for c in ("red", "navy", "olive", "white")]
+    settings = DecodeSettings(beam_size=3, max_length=MAX_LENGTH, alternatives=2, attention=True)
+    torch_model.decode["precision"] = "fp32"  # "auto" is bf16 where the CPU has it natively
+    want, got = torch_model(photos, settings), onnx_model(photos, settings)
+    assert [g["caption"] for g in got] == [w["caption"] for w in want]
+    for g, w in zip(got, want):
+        assert [a["caption"] for a in g["alternatives"]] == [a["caption"] for a in w["alternatives"]]
+        assert g["score"] == pytest.approx(w["score"], abs=1e-4)
+        torch.testing.assert_close(torch.tensor(g["attention"]), torch.tensor(w["attention"]),
+                                   atol=1e-4, rtol=0)
 
 
 def test_export_writes_dynamic_axes_and_states_its_opset(exported):

@@ -34,7 +34,7 @@ def test_make_flickr8k_chain_on_a_tiny_subset(tmp_path):
     out = tmp_path / "run"
     subprocess.run(
         [sys.executable, "scripts/reproduce.py", "flickr8k", "--ce-epochs", "1", "--scst-epochs",
-         "1", "--beams", "1,2", "--out", str(out), *benchmark_subset("flickr8k", tmp_path, 16),
+         "1", "--beams", "2", "--length-penalties", "0,1", "--out", str(out), *benchmark_subset("flickr8k", tmp_path, 16),
          "data.min_word_frequency=1", "data.image_size=64", "data.batch_size=8",
          "model.decoder.hidden_size=64", "model.decoder.embed_dim=32",
          "model.decoder.attention_dim=32", "threads=1", f"data.cache_dir={tmp_path / 'cache'}",
@@ -46,8 +46,9 @@ def test_make_flickr8k_chain_on_a_tiny_subset(tmp_path):
     for name, r in results["test"].items():
         assert {"bleu1", "bleu4", "meteor", "rouge_l", "cider"} <= set(r["metrics"])
         chosen = results["val"][name]
-        assert set(chosen["tried"]) == {"1", "2"}  # (JSON keys)
-        assert r["decode"]["beam_size"] == chosen["decode"]["beam_size"]
+        assert set(chosen["tried"]) == {"beam 2, length penalty 0", "beam 2, length penalty 1"}
+        assert r["decode"]["beam_size"] == chosen["decode"]["beam_size"] == 2
+        assert r["decode"]["length_penalty"] == chosen["decode"]["length_penalty"]
         assert chosen["metrics"]["cider"] == max(chosen["tried"].values())  # the best on val
     text = (out / "results.md").read_text()
     assert "Show, Attend and Tell, hard attention" in text and "Validation" in text
