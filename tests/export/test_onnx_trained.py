@@ -1,4 +1,4 @@
-"""ONNX parity on really trained checkpoints (slow: trains two small models, about a minute
+"""ONNX parity on really trained checkpoints (slow: trains two small models, a minute or two
 each on 2 cores): the demo recipe (LSTM-attention) and the Transformer preset, on a small
 embedded set, then 50 test images captioned by PyTorch and by ONNX Runtime."""
 
@@ -17,9 +17,10 @@ from captioner.inference import caption_files
 from captioner.models.search import beam_search
 from captioner.utils.hydra import compose_config
 
-SIZES = {"num_train": 300, "num_val": 20, "num_test": 50, "image_size": 48}
+SIZES = {"num_train": 600, "num_val": 20, "num_test": 50, "image_size": 48}
 PRESETS = {
-    "lstm": ["experiment=demo", "trainer.max_epochs=4"],
+    # the demo's warm-up (100 steps) is longer than this whole run: 20 steps, then cosine
+    "lstm": ["experiment=demo", "trainer.max_epochs=6", "scheduler.num_warmup_steps=20"],
     "transformer": ["experiment=transformer", "trainer.max_epochs=4", "data.image_size=48",
                     "model.encoder.return_layer=layer2"],
 }
