@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
+from captioner.data.images import resolve_preprocess
 from captioner.data.tokenizer import tokenizer_to_json
 from captioner.export.graphs import EncoderGraph, InitStateGraph, StepGraph
-from captioner.data.images import resolve_preprocess
 from captioner.models.encoder import CNNEncoder, EfficientNetLiteEncoder
 from captioner.models.lstm_decoder import LSTMDecoder
 from captioner.models.transformer_decoder import TransformerDecoder
