@@ -34,7 +34,7 @@ def test_make_flickr8k_chain_on_a_tiny_subset(tmp_path):
     out = tmp_path / "run"
     subprocess.run(
         [sys.executable, "scripts/reproduce.py", "flickr8k", "--ce-epochs", "1", "--scst-epochs",
-         "1", "--beams", "2", "--length-penalties", "0,1", "--out", str(out), *benchmark_subset("flickr8k", tmp_path, 16),
+         "1", "--beams", "2", "--length-penalties", "0,1", "--in-process", "--out", str(out), *benchmark_subset("flickr8k", tmp_path, 16),
          "data.min_word_frequency=1", "data.image_size=64", "data.batch_size=8",
          "model.decoder.hidden_size=64", "model.decoder.embed_dim=32",
          "model.decoder.attention_dim=32", "threads=1", f"data.cache_dir={tmp_path / 'cache'}",
