@@ -1,5 +1,6 @@
-"""open_clip's image tower (a ``VisionTransformer``) with weights from a local file, a local
-folder or the local Hugging Face cache: never a download. ``open_clip_torch`` is optional
+"""open_clip's image tower (its own ``VisionTransformer``, a timm trunk as in the SigLIP, EVA and
+ConvNeXt models, or OpenAI's ``ModifiedResNet``) with weights from a local file, a local folder
+or the local Hugging Face cache: never a download. ``open_clip_torch`` is optional
 (``pip install 'captioner[encoders]'``), imported when used."""
 
 from __future__ import annotations
@@ -48,10 +49,53 @@ def _tag_file(open_clip, name: str, tag: str) -> tuple[str, dict]:
     return found, {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
 
 
+def _vit_unit(name: str) -> int | None:
+    """open_clip ``VisionTransformer``: the stem (patch conv, class and position embeddings,
+    ``ln_pre``), each residual block, ``ln_post`` with the last; the CLIP projection unused."""
+    if name.startswith("transformer.resblocks."):
+        return int(name.split(".")[2]) + 1
+    if name.startswith("ln_post."):
+        return FINAL
+    if name == "proj" or name.startswith(("attn_pool", "head")):
+        return None  # the CLIP projection of the pooled token: not in the features
+    return 0
+
+
+def _timm_units(visual) -> dict[str, int | None]:
+    """open_clip ``TimmModel``: timm's own coarse layer groups of the trunk (as ``TimmEncoder``);
+    the trunk's pooling head and open_clip's projection head unused."""
+    import timm
+
+    from captioner.models.encoders.timm import UNUSED
+
+    trunk = visual.trunk
+    groups = timm.models.group_parameters(trunk, trunk.group_matcher(coarse=True))
+    of = {n: g for g, names in groups.items() for n in names}
+    units = {f"trunk.{n}": (None if UNUSED.match(n) else of.get(n, 0))
+             for n, _ in trunk.named_parameters()}
+    units.update({n: None for n, _ in visual.named_parameters() if not n.startswith("trunk.")})
+    return units
+
+
+def _resnet_units(visual) -> dict[str, int | None]:
+    """open_clip ``ModifiedResNet``: the stem (three convolutions), then each bottleneck block of
+    layer1..layer4 in order; the attention pooling unused."""
+    blocks = [f"layer{i}.{j}." for i in range(1, 5) for j in range(len(getattr(visual, f"layer{i}")))]
+    units = {}
+    for n, _ in visual.named_parameters():
+        if n.startswith("attnpool."):
+            units[n] = None
+        else:
+            units[n] = next((k + 1 for k, b in enumerate(blocks) if n.startswith(b)), 0)
+    return units
+
+
 class OpenCLIPEncoder(TokenEncoder):
-    """open_clip's ``VisionTransformer`` tokens after its final LayerNorm (``ln_post``, the
-    tokens its ``output_tokens=True`` returns) as features (B, R, C): R = (S / patch)^2 patches,
-    +1 with ``class_token=keep``. C is the transformer width (before the CLIP projection).
+    """open_clip's image tower as features (B, R, C), before any pooling or CLIP projection:
+    a ``VisionTransformer``'s tokens after its final LayerNorm (``ln_post``, the tokens its
+    ``output_tokens=True`` returns), R = (S / patch)^2 patches (+1 with ``class_token=keep``),
+    C its width; a timm trunk's ``forward_features`` (ViT tokens after the final norm, or a
+    ConvNeXt map); a ``ModifiedResNet``'s last stage (R = (S / 32)^2, C = 32 x width).
 
     Args:
         name: an open_clip model name (``ViT-B-32``, ``ViT-B-16-quickgelu`` for OpenAI weights,
@@ -63,8 +107,8 @@ class OpenCLIPEncoder(TokenEncoder):
             file is in the local Hugging Face cache; null: random weights.
         class_token: ``drop`` or ``keep``.
         trainable / trainable_layers / finetune_after_epoch / finetune_lr: as ``CNNEncoder``;
-            units: the stem (patch conv, class and position embeddings, ``ln_pre``), then
-            each residual block (the last with ``ln_post``).
+            units: the stem, then each block (``_vit_unit``, ``_timm_units``,
+            ``_resnet_units``).
 
     Preprocessing: open_clip's preprocess config of the model and weights (size, mean/std,
     interpolation, resize mode). The input size is fixed.
@@ -95,22 +139,23 @@ class OpenCLIPEncoder(TokenEncoder):
         else:
             self._load(open_clip, name, config, pretrained)
         visual = self.model
-        if type(visual).__name__ != "VisionTransformer" or visual.attn_pool is not None:
-            raise ValueError(f"open_clip model {name}: its image tower ({type(visual).__name__}) "
-                             "gives no patch tokens here; use a ViT model")
+        self.kind = type(visual).__name__
         self.name, self.config, self.pretrained = name, config, pretrained
-        self.out_dim = visual.transformer.width
-        units = {}
-        for n, _ in visual.named_parameters():
-            if n.startswith("transformer.resblocks."):
-                units[n] = int(n.split(".")[2]) + 1
-            elif n.startswith("ln_post."):
-                units[n] = FINAL
-            elif n == "proj" or n.startswith(("attn_pool", "head")):
-                units[n] = None  # the CLIP projection of the pooled token: not in the features
-            else:
-                units[n] = 0
-        self._setup(units, class_token, True, trainable, trainable_layers, finetune_after_epoch,
+        if self.kind == "VisionTransformer" and visual.attn_pool is None:
+            self.out_dim, has_cls = visual.transformer.width, True
+            units = {n: _vit_unit(n) for n, _ in visual.named_parameters()}
+        elif self.kind == "TimmModel":  # a timm trunk (SigLIP, EVA, ConvNeXt towers)
+            self.out_dim = visual.trunk.num_features
+            has_cls = getattr(visual.trunk, "cls_token", None) is not None
+            units = _timm_units(visual)
+        elif self.kind == "ModifiedResNet":  # OpenAI's RN50 ... towers
+            self.out_dim, has_cls = visual.layer4[-1].conv3.out_channels, False
+            units = _resnet_units(visual)
+        else:
+            raise ValueError(f"open_clip model {name}: its image tower ({self.kind}) gives no "
+                             "region features here (supported: VisionTransformer without "
+                             "attention pooling, timm trunks, ModifiedResNet)")
+        self._setup(units, class_token, has_cls, trainable, trainable_layers, finetune_after_epoch,
                     finetune_lr)
 
     def _load(self, open_clip, name, config, pretrained) -> None:
@@ -170,6 +215,10 @@ class OpenCLIPEncoder(TokenEncoder):
 
     def tokens(self, images: Tensor) -> tuple[Tensor, int]:
         v = self.model
+        if self.kind == "TimmModel":  # (B, N, C) after the final norm, or a map (B, C, h, w)
+            return v.trunk.forward_features(images), getattr(v.trunk, "num_prefix_tokens", 0) or 0
+        if self.kind == "ModifiedResNet":  # the last stage's map, before attention pooling
+            return v.layer4(v.layer3(v.layer2(v.layer1(v.stem(images))))), 0  # (B, C, h, w)
         x = v.transformer(v._embeds(images))  # (B, 1 + h*w, C), class token first
         if not v.final_ln_after_pool:
             x = v.ln_post(x)  # what output_tokens=True returns for the patches
