@@ -102,3 +102,17 @@ def test_bad_checkpoint_or_busy_port_stop_the_server_with_one_line(tmp_path, cap
         assert serve_cli.main(["--checkpoint", str(bad), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "\n" not in err
+
+
+def test_onnx_option_needs_an_export_and_excludes_a_checkpoint(tmp_path, capsys):
+    """--onnx DIR: a directory that is not an export stops the server with one line naming it;
+    --onnx with --checkpoint (or with --accelerator cuda) is a usage error."""
+    not_export = tmp_path / "not_an_export"
+    not_export.mkdir()
+    assert serve_cli.main(["--onnx", str(not_export), "--port", "18732"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not_an_export" in err and "\n" not in err
+    for extra in (["--checkpoint", "x.ckpt"], ["--accelerator", "cuda"]):
+        with pytest.raises(SystemExit) as e:
+            serve_cli.parse_args(["--onnx", str(not_export), *extra])
+        assert e.value.code == 2
