@@ -14,7 +14,8 @@ the run), keeping its best val checkpoint (greedy CIDEr-D after every epoch). On
 ``evaluate.py -m split=val`` sweep then decodes every best checkpoint with beam 3 and scores it
 with pycocoevalcap. Only val is decoded: this study chooses the default encoder, so the test
 split is never looked at. Writes ``compare_encoders.json`` and ``compare_encoders.md`` into
-``outputs/compare_encoders/<data>-<time>/``.
+``outputs/compare_encoders/<data>-<time>/``. Run again with the same ``--out`` (and more or other
+``--variants``), it trains only the variants not yet trained there.
 """
 
 from __future__ import annotations
@@ -73,20 +74,27 @@ def main(argv=None) -> None:
         sys.exit(f"error: unknown variant(s) {unknown}; known: {sorted(table)}")
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = args.out or ROOT / "outputs" / "compare_encoders" / f"{args.data}-{stamp}"
-    if out.exists():
-        sys.exit(f"error: {out} exists; runs never overwrite each other")
-
-    times, ckpts = {}, {}
+    # a study interrupted (or extended by more variants) goes on in its --out: a variant whose
+    # training finished there (its time in times.json) is not trained again
+    record = out / "times.json"
+    times = json.loads(record.read_text()) if record.is_file() else {}
+    ckpts = {}
     for name in args.variants:
         run_dir = out / name
+        ckpts[name] = (run_dir / "checkpoints" / "best.ckpt").resolve()
+        if name in times and ckpts[name].is_file():
+            print(f"{name}: trained in {run_dir} ({times[name] / 60:.1f} min), not again")
+            continue
+        if run_dir.exists():
+            sys.exit(f"error: {run_dir} exists without a finished training; remove it first")
         times[name] = run(["train.py", f"experiment={args.data}_transformer", *table[name],
                            f"trainer.max_epochs={args.epochs}", "test=false",
                            f"hydra.run.dir={run_dir}", *args.overrides])
-        ckpts[name] = (run_dir / "checkpoints" / "best.ckpt").resolve()
+        atomic_write_json(record, times)
 
-    sweep = out / "val"
+    sweep = out / f"val_{'_'.join(args.variants)}"
     data_args = [o for o in args.overrides if o.startswith("data.")]
-    run(["evaluate.py", "-m", "split=val", f"data={args.data}",
+    run(["evaluate.py", "-m", "split=val", f"data={args.data}", "data.cache_features=true",
          f"ckpt_path={','.join(str(c) for c in ckpts.values())}", "decode.method=beam",
          "decode.beam_size=3", f"hydra.sweep.dir={sweep}", *data_args])
     found = {Path(m["checkpoint"]): m for m in
