@@ -122,7 +122,7 @@ class OnnxCaptionModel(_SearchCaptionModel):
         model = load(directory)  # ONNX Runtime threads: torch's (the server set them)
         info = {"name": Path(directory).name, "runtime": "onnxruntime",
                 "decoder": model.config["decoder"]["class"],
-                "encoder": {"features": model.config["features"]}}
+                "encoder": {"name": "encoder.onnx", **model.config["features"]}}
         super().__init__(model, model.tokenizer, model.image_size, model.preprocess,
                          decode_settings(model.decode), info)
 
