@@ -62,17 +62,11 @@ def _vit_unit(name: str) -> int | None:
 
 
 def _timm_units(visual) -> dict[str, int | None]:
-    """open_clip ``TimmModel``: timm's own coarse layer groups of the trunk (as ``TimmEncoder``);
-    the trunk's pooling head and open_clip's projection head unused."""
-    import timm
+    """open_clip ``TimmModel``: the trunk's units as ``TimmEncoder``'s; open_clip's projection
+    head unused."""
+    from captioner.models.encoders.timm import timm_units
 
-    from captioner.models.encoders.timm import UNUSED
-
-    trunk = visual.trunk
-    groups = timm.models.group_parameters(trunk, trunk.group_matcher(coarse=True))
-    of = {n: g for g, names in groups.items() for n in names}
-    units = {f"trunk.{n}": (None if UNUSED.match(n) else of.get(n, 0))
-             for n, _ in trunk.named_parameters()}
+    units = {f"trunk.{n}": u for n, u in timm_units(visual.trunk).items()}
     units.update({n: None for n, _ in visual.named_parameters() if not n.startswith("trunk.")})
     return units
 

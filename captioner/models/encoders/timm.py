@@ -26,6 +26,16 @@ UNUSED = re.compile(r"^(head|fc|classifier|fc_norm|attn_pool|head_drop)(\.|$)")
 HF_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
+def timm_units(model) -> dict[str, int | None]:
+    """Fine-tuning units of a timm model: its own coarse layer groups (``group_matcher``, what
+    its layer-wise learning-rate decay uses), in order; what remains of a head (``UNUSED``) None."""
+    import timm
+
+    groups = timm.models.group_parameters(model, model.group_matcher(coarse=True))
+    of = {n: g for g, names in groups.items() for n in names}
+    return {n: (None if UNUSED.match(n) else of.get(n, 0)) for n, _ in model.named_parameters()}
+
+
 def _hf_cached(repo: str, filename: str | None) -> str | None:
     from huggingface_hub import hf_hub_download
 
@@ -136,10 +146,7 @@ class TimmEncoder(TokenEncoder):
             size, cfg["mean"], cfg["std"], interpolation=cfg["interpolation"],
             resize="shorter" if crop_mode == "center" else "squash",
             resize_size=min(scale) if crop_mode == "center" else scale, any_size=not fixed)
-        groups = timm.models.group_parameters(self.model, self.model.group_matcher(coarse=True))
-        units = {n: g for g, names in groups.items() for n in names}
-        units = {n: (None if UNUSED.match(n) else units.get(n, 0))
-                 for n, _ in self.model.named_parameters()}
+        units = timm_units(self.model)
         has_cls = bool(getattr(self.model, "has_class_token", False)) or (
             getattr(self.model, "cls_token", None) is not None)
         self._setup(units, class_token, has_cls, trainable, trainable_layers,
