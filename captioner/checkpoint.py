@@ -145,3 +145,44 @@ def load_checkpoint(path, map_location="cpu"):
         vocab = with_vocabulary({}, tokenizer)
         model.unk_id, model.bad_ending_ids = vocab["unk_id"], vocab["bad_ending_ids"]
     return model.eval(), tokenizer, payload
+
+
+def load_checkpoints(paths, map_location="cpu"):
+    """One checkpoint (a path) as ``load_checkpoint``; several (a list) as one ensemble
+    (``models/ensemble.py``) -> (model, tokenizer, payload). The ensemble's payload is the first
+    checkpoint's (its decoding settings, input size, preprocessing) with ``ensemble``: the paths.
+    The members must share the vocabulary and the input: a checkpoint that does not is named."""
+    import json
+
+    from captioner.models.ensemble import ConcatEncoder, ensemble
+
+    if isinstance(paths, (str, Path)):
+        return load_checkpoint(paths, map_location)
+    paths = [str(p) for p in paths]
+    if len(paths) == 1:
+        return load_checkpoint(paths[0], map_location)
+    if not paths:
+        raise CheckpointError("no checkpoint given")
+    loaded = [load_checkpoint(p, map_location) for p in paths]
+    model, tokenizer, payload = loaded[0]
+    for path, (_, other_tok, other) in zip(paths[1:], loaded[1:]):
+        if other_tok.get_vocab() != tokenizer.get_vocab():
+            raise CheckpointError(f"{path}: its vocabulary differs from {paths[0]}'s; ensemble "
+                                  "members must be trained with the same tokenizer")
+        for field in ("image_size", "preprocess"):
+            if other.get(field) != payload.get(field):
+                raise CheckpointError(f"{path}: its {field} ({other.get(field)}) differs from "
+                                      f"{paths[0]}'s ({payload.get(field)}); ensemble members "
+                                      "must read the same input")
+    # the stored encoder config says what the weights alone do not (which grid, class token)
+    keys = [json.dumps(p["model_config"].get("encoder"), sort_keys=True, default=str)
+            for _, _, p in loaded]
+    try:
+        joined = ensemble([m for m, _, _ in loaded], keys)
+        if isinstance(joined.encoder, ConcatEncoder):
+            with torch.no_grad():  # distinct encoders must give one grid: find out now, not mid-run
+                size = int(payload["image_size"])
+                joined.encoder(torch.zeros(1, 3, size, size))
+    except ValueError as e:
+        raise CheckpointError(f"{', '.join(paths)}: {e}") from None
+    return joined.eval(), tokenizer, {**payload, "ensemble": paths}

@@ -1,4 +1,6 @@
-"""python caption.py image.jpg [more.jpg ...] [--checkpoint PATH | --onnx DIR] [--beam-size K]"""
+"""python caption.py image.jpg [more.jpg ...] [--checkpoint PATH ... | --onnx DIR] [--beam-size K]
+
+``--checkpoint`` given more than once: the checkpoints caption as one ensemble."""
 
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ def load_onnx(directory: Path, threads: int | None):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="caption.py", description="Caption images with a trained checkpoint.")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint (default: best of the newest run under outputs/train)")
+    p.add_argument("--checkpoint", type=Path, action="append", default=None,
+                   help="checkpoint (default: best of the newest run under outputs/train); "
+                        "more than once: an ensemble (the search averages their log-probs)")
     p.add_argument("--onnx", type=Path, default=None,
                    help="an ONNX export directory (captioner-export) instead of a checkpoint")
     p.add_argument("--beam-size", type=positive_int, default=None, help="1 = greedy (default: checkpoint's)")
@@ -68,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from captioner.checkpoint import load_checkpoint
+    from captioner.checkpoint import load_checkpoints
     from captioner.inference import caption_files, decode_settings
     from captioner.utils.cpu import keep_freed_memory
     from captioner.utils.errors import InputError
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
         if args.onnx is not None:
             model, tokenizer, payload = load_onnx(args.onnx, args.threads)
         else:
-            model, tokenizer, payload = load_checkpoint(args.checkpoint or newest_checkpoint())
+            model, tokenizer, payload = load_checkpoints(args.checkpoint or [newest_checkpoint()])
         decode = decode_settings(payload["decode"])
         if args.beam_size is not None:
             decode.update(method="greedy" if args.beam_size == 1 else "beam", beam_size=args.beam_size)

@@ -1,5 +1,7 @@
 """python evaluate.py ckpt_path=PATH [split=test] [data=...] [decode.beam_size=5]
 
+``ckpt_path=[A,B,...]`` (a list) decodes the checkpoints as one ensemble (``models/ensemble.py``).
+
 Writes, into the run's own directory: ``results_{split}.json`` (COCO results format),
 ``metrics_{split}.json`` (pycocoevalcap metrics + decoding settings) and
 ``per_image_{split}.json`` (caption, references and CIDEr-D per image, worst first)."""
@@ -34,10 +36,14 @@ def format_table(metrics: dict) -> str:
     return f"{head}\n{row}\n(CIDEr-D on the 0-10 scale; papers print it x100)"
 
 
+def _resolved(ckpt):
+    return [_resolved(c) for c in ckpt] if isinstance(ckpt, list) else str(Path(ckpt).resolve())
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     from hydra.utils import instantiate
 
-    from captioner.checkpoint import load_checkpoint
+    from captioner.checkpoint import load_checkpoints
     from captioner.inference import caption_loader, decode_settings
     from captioner.metrics.coco_eval import evaluate_captions
     from captioner.utils.hardware import auto_precision, set_threads
@@ -46,7 +52,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     check_config(cfg, EVALUATE)
     _, threads_reason = set_threads(cfg.get("threads"))
     log.info("threads: %s", threads_reason)
-    model, tokenizer, payload = load_checkpoint(cfg.ckpt_path)
+    ckpt = cfg.ckpt_path  # a path, or a list of them: an ensemble
+    ckpt = OmegaConf.to_container(ckpt) if OmegaConf.is_list(ckpt) else ckpt
+    model, tokenizer, payload = load_checkpoints(ckpt)
     decode = decode_settings(payload["decode"], OmegaConf.to_container(cfg.decode))
     if decode["precision"] == "auto":
         log.info("precision: %s", auto_precision("cpu").reason)  # the model is loaded on the CPU
@@ -65,7 +73,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     atomic_write_json(out / f"results_{split}.json",
                       [{"image_id": i, "caption": c} for i, c in sorted(hyps.items())])
     atomic_write_json(out / f"metrics_{split}.json", {
-        "checkpoint": str(Path(cfg.ckpt_path).resolve()), "split": split, "num_images": len(hyps),
+        "checkpoint": _resolved(ckpt), "split": split, "num_images": len(hyps),
         "decode": decode, "metrics": report.metrics, "skipped": report.skipped,
         "cider_scale": "CIDEr-D, 0-10 (x100 in papers)",
     })

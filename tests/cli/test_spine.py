@@ -107,3 +107,24 @@ def test_print_composed_config(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "hidden_size: 256" in proc.stdout and "max_epochs: 3" in proc.stdout
+
+
+def test_evaluate_and_caption_take_an_ensemble(trained, synthetic_root, tmp_path, capsys):
+    """``ckpt_path=[A,B]`` and ``--checkpoint A --checkpoint B``: one ensemble; two checkpoints
+    of one run share its encoder, so the ensemble reads the same input and grid."""
+    from conftest import eval_config
+
+    from captioner.cli.evaluate import run as eval_run
+
+    out, _ = trained
+    best, last = out / "checkpoints" / "best.ckpt", out / "checkpoints" / "last.ckpt"
+    cfg = eval_config(f"[{best},{last}]", synthetic_root, tmp_path, "decode.beam_size=2")
+    metrics = eval_run(cfg, tmp_path)
+    report = json.loads((tmp_path / "metrics_test.json").read_text())
+    assert report["checkpoint"] == [str(best.resolve()), str(last.resolve())]
+    assert report["metrics"] == metrics and report["num_images"] == 8
+    Image.new("RGB", (50, 40), "red").save(tmp_path / "img.png")
+    code = caption_cli.main([str(tmp_path / "img.png"), "--checkpoint", str(best),
+                             "--checkpoint", str(last), "--beam-size", "2"])
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(str(tmp_path / "img.png"))
