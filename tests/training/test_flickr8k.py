@@ -52,3 +52,59 @@ def test_make_flickr8k_chain_on_a_tiny_subset(tmp_path):
         assert chosen["metrics"]["cider"] == max(chosen["tried"].values())  # the best on val
     text = (out / "results.md").read_text()
     assert "Show, Attend and Tell, hard attention" in text and "Validation" in text
+
+
+def _greedy_reward(ckpt: Path, cfg) -> float:
+    """Mean CIDEr-D reward (training references) of the checkpoint's greedy captions of the
+    training images: what self-critical training maximises, without sampling noise."""
+    from hydra.utils import instantiate
+
+    from captioner.checkpoint import load_checkpoint
+    from captioner.inference import caption_loader
+    from captioner.training.scst import CiderReward
+
+    model, tokenizer, payload = load_checkpoint(ckpt)
+    data = instantiate(cfg.data, image_size=payload["image_size"])
+    data.set_preprocess(payload.get("preprocess"))
+    data.prepare_data()
+    data.set_tokenizer(tokenizer)
+    data.set_encoder(model.encoder)
+    decode = {"method": "greedy", "max_length": 16, "precision": "fp32"}
+    hyps = caption_loader(model, tokenizer, data.dataloader("train"), decode, progress=False)
+    return float(CiderReward(data.references("train"))(list(hyps.values()), list(hyps)).mean())
+
+
+@pytest.mark.slow  # 1.5 min alone
+@pytest.mark.skipif(not FLICKR8K.is_dir(), reason="../shared/data/flickr8k absent")
+def test_self_critical_training_raises_the_reward_on_real_captions(tmp_path):
+    """The ``flickr8k_scst`` recipe (leave-one-out mean baseline, samples at temperature 1), run
+    for 160 steps on 32 real photos instead of the preset's quarter epoch, raises the CIDEr-D
+    reward it optimises: the samples' reward over training, and the greedy captions' reward of
+    those photos above the cross-entropy model's (measured: samples 0.138 -> 0.180, greedy
+    0.082 -> 0.106; at lr 2e-3 both fell, which this test would catch)."""
+    import csv
+
+    from captioner.cli.train import run as train_run
+
+    common = [*benchmark_subset("flickr8k", tmp_path, 32), "data.min_word_frequency=1",
+              "data.image_size=64", "data.batch_size=8", "model.decoder.hidden_size=64",
+              "model.decoder.embed_dim=32", "model.decoder.attention_dim=32", "threads=1",
+              f"data.cache_dir={tmp_path / 'cache'}", "test=false", "val_decode.max_length=16",
+              "data.num_workers=0", "seed=0", "trainer.check_val_every_n_epoch=10"]
+    ce = compose_config("train", ["experiment=flickr8k", *common, "trainer.max_epochs=30",
+                                  "scheduler.num_warmup_steps=4", "optimizer.lr=3e-3"], tmp_path / "ce")
+    train_run(ce)
+    ce_ckpt = tmp_path / "ce" / "checkpoints" / "last.ckpt"
+    scst = compose_config("train", [
+        "experiment=flickr8k_scst", f"init_from={ce_ckpt}", *common, "trainer.max_epochs=40",
+        "trainer.limit_train_batches=1.0", "optimizer.lr=5e-4", "loss.scst.num_samples=8",
+        "trainer.log_every_n_steps=1"], tmp_path / "scst")
+    train_run(scst)
+    rows = csv.DictReader(open(tmp_path / "scst" / "csv" / "metrics.csv"))
+    rewards = [float(r["train/reward"]) for r in rows if r.get("train/reward")]
+    assert len(rewards) == 160
+    first, last = sum(rewards[:40]) / 40, sum(rewards[-40:]) / 40
+    assert last > first + 0.015, (first, last)
+    before = _greedy_reward(ce_ckpt, ce)
+    after = _greedy_reward(tmp_path / "scst" / "checkpoints" / "last.ckpt", ce)
+    assert after > before, (before, after)
