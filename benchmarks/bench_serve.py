@@ -35,7 +35,7 @@ import httpx
 import torch
 from PIL import Image, ImageDraw
 
-from captioner.checkpoint import build_model, checkpoint_payload
+from captioner.checkpoint import build_model, save_checkpoint
 from captioner.data.tokenizer import train_tokenizer, with_vocabulary
 from captioner.serve.launch import served
 from captioner.utils.hardware import auto_threads, machine_info, machine_line
@@ -53,8 +53,7 @@ def write_checkpoint(path: Path, vocab: int, image_size: int, beam: int, max_len
     torch.manual_seed(0)
     net = build_model(config)
     decode = {"method": "beam", "beam_size": beam, "max_length": max_length, "precision": "auto"}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()},
-                **checkpoint_payload(config, tok, decode, image_size)}, path)
+    save_checkpoint(path, net, config, tok, decode, image_size)
     return {"encoder": "ResNet-18 to layer2, untrained", "image_size": image_size,
             "decoder": "LSTMDecoder 256/512/256, untrained", "vocab": len(tok), "beam": beam,
             "max_length": max_length, "parameters": sum(p.numel() for p in net.parameters())}

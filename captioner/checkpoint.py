@@ -40,6 +40,24 @@ def checkpoint_payload(model_config: dict, tokenizer, decode: dict, image_size: 
     return {KEY: payload}
 
 
+def save_checkpoint(path, model: torch.nn.Module, model_config: dict, tokenizer, decode: dict,
+                    image_size: int, preprocess: dict | None = None) -> Path:
+    """Write a model built outside training (``build_model``, a script, a test) as a checkpoint
+    that ``load_checkpoint``, ``caption.py`` and the server read like a trained run's: the
+    weights under Lightning's ``state_dict`` names (``model.``) plus the payload. Written
+    atomically: a kill leaves the old file or the new one."""
+    import io
+
+    from captioner.utils.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                **checkpoint_payload(model_config, tokenizer, decode, image_size, preprocess)},
+               buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
 def build_model(model_config: dict, stored_encoder: dict | None = None):
     """The model of a stored (or composed) model config. Only the allowlisted model classes can
     be built, and the config is checked as data before any of them runs
@@ -154,6 +172,7 @@ def load_checkpoints(paths, map_location="cpu"):
     The members must share the vocabulary and the input: a checkpoint that does not is named."""
     import json
 
+    from captioner.data.images import checkpoint_transform
     from captioner.models.ensemble import ConcatEncoder, ensemble
 
     if isinstance(paths, (str, Path)):
@@ -169,11 +188,13 @@ def load_checkpoints(paths, map_location="cpu"):
         if other_tok.get_vocab() != tokenizer.get_vocab():
             raise CheckpointError(f"{path}: its vocabulary differs from {paths[0]}'s; ensemble "
                                   "members must be trained with the same tokenizer")
-        for field in ("image_size", "preprocess"):
-            if other.get(field) != payload.get(field):
-                raise CheckpointError(f"{path}: its {field} ({other.get(field)}) differs from "
-                                      f"{paths[0]}'s ({payload.get(field)}); ensemble members "
-                                      "must read the same input")
+        # the input each model was trained on, as fed (a checkpoint older than stored
+        # preprocessing reads ImageNet statistics at its size: the same as an explicit record)
+        if repr(checkpoint_transform(other)) != repr(checkpoint_transform(payload)):
+            raise CheckpointError(f"{path}: its input ({other.get('image_size')} px, "
+                                  f"{other.get('preprocess')}) differs from {paths[0]}'s "
+                                  f"({payload.get('image_size')} px, {payload.get('preprocess')}); "
+                                  "ensemble members must read the same input")
     # the stored encoder config says what the weights alone do not (which grid, class token)
     keys = [json.dumps(p["model_config"].get("encoder"), sort_keys=True, default=str)
             for _, _, p in loaded]

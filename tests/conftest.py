@@ -77,7 +77,7 @@ SERVE_CAPTIONS = ["a red square left of a blue circle", "a small green triangle 
 @pytest.fixture(scope="session")
 def serve_checkpoint(tmp_path_factory) -> Path:
     """Untrained but complete (beam 3, 8 tokens by default, 32 px, a 4x4 grid)."""
-    from captioner.checkpoint import build_model, checkpoint_payload
+    from captioner.checkpoint import build_model, save_checkpoint
     from captioner.data.tokenizer import train_tokenizer, with_vocabulary
 
     tok = train_tokenizer(SERVE_CAPTIONS)
@@ -91,9 +91,7 @@ def serve_checkpoint(tmp_path_factory) -> Path:
     model = build_model(config)
     path = tmp_path_factory.mktemp("serve_ckpt") / "tiny.ckpt"
     decode = {"method": "beam", "beam_size": 3, "max_length": 8}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                **checkpoint_payload(config, tok, decode, 32)}, path)
-    return path
+    return save_checkpoint(path, model, config, tok, decode, 32)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.checkpoint import build_model, checkpoint_payload, load_checkpoint
+from captioner.checkpoint import build_model, load_checkpoint, save_checkpoint
 from captioner.cli import caption as caption_cli
 from captioner.cli import export as export_cli
 from captioner.data.tokenizer import train_tokenizer, with_vocabulary
@@ -52,9 +52,7 @@ def write_checkpoint(path: Path, decoder: dict, eos_scale: float = 2.5, seed: in
         out = getattr(model.decoder, "fc", None) or model.decoder.head  # (V, H) output layer
         out.weight[tok.eos_token_id] *= eos_scale  # EOS wins at times
     decode = {"method": "beam", "beam_size": 3, "max_length": MAX_LENGTH}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                **checkpoint_payload(config, tok, decode, IMAGE_SIZE, preprocess)}, path)
-    return path
+    return save_checkpoint(path, model, config, tok, decode, IMAGE_SIZE, preprocess)
 
 
 @pytest.fixture(scope="module", params=list(DECODERS))

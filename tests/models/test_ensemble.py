@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from captioner.checkpoint import CheckpointError, build_model, checkpoint_payload, load_checkpoints
+from captioner.checkpoint import CheckpointError, build_model, load_checkpoints, save_checkpoint
 from captioner.data.tokenizer import train_tokenizer, with_vocabulary
 from captioner.models.ensemble import ConcatEncoder, EnsembleDecoder, ensemble
 from captioner.models.lstm_decoder import LSTMDecoder
@@ -120,10 +120,8 @@ def test_members_share_an_encoder_only_when_it_is_the_same():
 
 
 def save(path, model, config, tok, image_size=32):
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                **checkpoint_payload(config, tok, {"method": "beam", "beam_size": 2,
-                                                   "max_length": 8}, image_size)}, path)
-    return path
+    return save_checkpoint(path, model, config, tok, {"method": "beam", "beam_size": 2,
+                                                      "max_length": 8}, image_size)
 
 
 def test_checkpoints_load_as_an_ensemble_and_refuse_what_cannot_join(tmp_path):
@@ -141,7 +139,7 @@ def test_checkpoints_load_as_an_ensemble_and_refuse_what_cannot_join(tmp_path):
     with pytest.raises(CheckpointError, match=r"c\.ckpt: its vocabulary differs"):
         load_checkpoints([a, c])
     d = save(tmp_path / "d.ckpt", *captioner(LSTM, 0, tok), tok, image_size=64)
-    with pytest.raises(CheckpointError, match=r"d\.ckpt: its image_size \(64\) differs"):
+    with pytest.raises(CheckpointError, match=r"d\.ckpt: its input \(64 px"):
         load_checkpoints([a, d])
     with pytest.raises(CheckpointError, match="missing.ckpt"):
         load_checkpoints([a, tmp_path / "missing.ckpt"])

@@ -3,7 +3,7 @@ filled in for checkpoints saved before the bans existed."""
 
 import torch
 
-from captioner.checkpoint import build_model, checkpoint_payload, load_checkpoint
+from captioner.checkpoint import build_model, load_checkpoint, save_checkpoint
 from captioner.data.tokenizer import BAD_ENDINGS, UNK, train_tokenizer, with_vocabulary
 
 CONFIG = {
@@ -30,8 +30,7 @@ def test_old_checkpoint_without_ban_ids_gets_them_from_its_tokenizer(tmp_path):
     model = build_model(old)
     assert model.unk_id is None and model.bad_ending_ids == []  # what the old config builds
     path = tmp_path / "old.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                **checkpoint_payload(old, tok, {"method": "greedy", "max_length": 5}, 32)}, path)
+    save_checkpoint(path, model, old, tok, {"method": "greedy", "max_length": 5}, 32)
     loaded, _, _ = load_checkpoint(path)
     assert loaded.unk_id == new["unk_id"] and loaded.bad_ending_ids == new["bad_ending_ids"]
     tokens, _ = loaded.generate(torch.rand(2, 3, 32, 32), method="beam", beam_size=2, max_length=6)

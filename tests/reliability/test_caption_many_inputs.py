@@ -3,10 +3,9 @@
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from captioner.checkpoint import build_model, checkpoint_payload
+from captioner.checkpoint import build_model, save_checkpoint
 from captioner.cli import caption as caption_cli
 from captioner.data.tokenizer import train_tokenizer, with_vocabulary
 
@@ -23,9 +22,7 @@ def checkpoint(tmp_path_factory) -> Path:
                     "embed_dim": 16, "hidden_size": 32, "attention_dim": 16}}, tok)
     model = build_model(config)
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                **checkpoint_payload(config, tok, {"method": "greedy", "max_length": 5}, 32)}, path)
-    return path
+    return save_checkpoint(path, model, config, tok, {"method": "greedy", "max_length": 5}, 32)
 
 
 def test_every_good_image_is_captioned_and_every_bad_one_named(tmp_path, checkpoint, capsys):
