@@ -1,4 +1,4 @@
-"""captioner-serve --checkpoint PATH | --onnx DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 16] ..."""
+"""captioner-serve --checkpoint PATH [--checkpoint PATH ...] | --onnx DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 16] ..."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="serve.py", description="Serve a trained checkpoint over HTTP: POST /caption "
         "(batched), GET /health, GET /info, the web page at /, the API docs at /docs.")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint (default: best of the newest run under outputs/train)")
+    p.add_argument("--checkpoint", type=Path, action="append", default=None,
+                   help="checkpoint (default: best of the newest run under outputs/train); "
+                        "more than once: one ensemble (the search averages their log-probs)")
     p.add_argument("--onnx", type=Path, default=None,
                    help="an ONNX export directory (captioner-export) instead of a checkpoint; "
                         "runs on the CPU with ONNX Runtime")
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
 
     try:
         checkpoint = args.onnx or args.checkpoint or newest_checkpoint()
+        checkpoint = ([str(c) for c in checkpoint] if isinstance(checkpoint, list)
+                      else str(checkpoint))
         # loaded here once, so a bad checkpoint stops the server with one line before any
         # worker starts; the worker process loads its own copy
         info = load_caption_model(checkpoint, "cpu").info
@@ -108,14 +111,15 @@ def main(argv=None) -> int:
     limits = Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels,
                     max_frames=args.max_frames, max_beam_size=args.max_beam_size,
                     max_length=args.max_length)
-    config = ServeConfig(str(checkpoint), max_batch_size=args.max_batch_size,
+    config = ServeConfig(checkpoint, max_batch_size=args.max_batch_size,
                          batch_timeout_ms=args.batch_timeout_ms, threads=args.threads,
                          accelerator="cpu" if args.onnx else args.accelerator, timeout_s=args.timeout, limits=limits)
     server = build_server(config, info)
     # LitServe shuts its worker processes down on KeyboardInterrupt; a plain SIGTERM (kill,
     # systemd, docker stop) would end this process alone and orphan them
     signal.signal(signal.SIGTERM, _interrupt)
-    print(f"serving {checkpoint} at http://{args.host}:{args.port}/ (API docs: /docs)",
+    what = info["name"] if isinstance(checkpoint, list) else checkpoint  # an ensemble: its names
+    print(f"serving {what} at http://{args.host}:{args.port}/ (API docs: /docs)",
           file=sys.stderr, flush=True)
     # one HTTP process: the cores go to the inference worker
     server.run(host=args.host, port=args.port, num_api_servers=1, log_level=args.log_level,

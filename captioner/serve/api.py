@@ -136,13 +136,16 @@ class WaitingBatchedLoop(BatchedLoop):
 class CaptionAPI(ls.LitAPI):
     """Pickled into LitServe's inference worker process, where ``setup`` loads the model."""
 
-    def __init__(self, checkpoint: str, limits: Limits, max_batch_size: int = 16,
+    def __init__(self, checkpoint: str | list[str], limits: Limits, max_batch_size: int = 16,
                  batch_timeout: float = 0.01, threads: int | None = None,
                  model_loader=None):
         loop = WaitingBatchedLoop() if max_batch_size > 1 and batch_timeout > 0 else "auto"
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          api_path="/caption", loop=loop)
-        self.checkpoint, self.limits, self.threads = str(checkpoint), limits, threads
+        # a path, or a list of them served as one ensemble
+        self.checkpoint = ([str(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple))
+                           else str(checkpoint))
+        self.limits, self.threads = limits, threads
         self.model_loader = model_loader  # a picklable callable(path, device) -> CaptionModel
 
     def setup(self, device):

@@ -20,7 +20,7 @@ STATIC = Path(__file__).parent / "static"
 
 @dataclass
 class ServeConfig:
-    checkpoint: str
+    checkpoint: str | list[str]  # a list: one ensemble (``models/ensemble.py``)
     max_batch_size: int = 16  # 1: batching off
     batch_timeout_ms: float = 10.0  # how long the first request of a batch waits for others
     threads: int | None = None  # torch threads of the inference worker; None: auto

@@ -98,15 +98,21 @@ class TorchCaptionModel(_SearchCaptionModel):
     (``checkpoint.load_checkpoint``: ``weights_only``, format version, allowlisted classes)."""
 
     def __init__(self, checkpoint, device: str = "cpu"):
-        from captioner.checkpoint import load_checkpoint
+        """``checkpoint``: a path, or a list of paths served as one ensemble
+        (``checkpoint.load_checkpoints``; its encoder is described by the first's config)."""
+        from captioner.checkpoint import load_checkpoints
         from captioner.inference import decode_settings
+        from captioner.models.ensemble import EnsembleDecoder
 
-        model, tokenizer, payload = load_checkpoint(checkpoint, map_location=device)
+        paths = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+        model, tokenizer, payload = load_checkpoints(paths, map_location=device)
         config = payload["model_config"]
         encoder = {k: v for k, v in config["encoder"].items() if k != "_target_"}
         encoder["class"] = config["encoder"]["_target_"].rsplit(".", 1)[1]
-        info = {"name": Path(checkpoint).name, "runtime": "pytorch",
-                "decoder": config["decoder"]["_target_"].rsplit(".", 1)[1], "encoder": encoder}
+        decoders = (model.decoder.members if isinstance(model.decoder, EnsembleDecoder)
+                    else [model.decoder])
+        info = {"name": " + ".join(Path(p).name for p in paths), "runtime": "pytorch",
+                "decoder": " + ".join(type(d).__name__ for d in decoders), "encoder": encoder}
         super().__init__(model.to(device).eval(), tokenizer, payload["image_size"],
                          payload.get("preprocess"), decode_settings(payload["decode"]), info, device)
 
@@ -129,8 +135,19 @@ class OnnxCaptionModel(_SearchCaptionModel):
 
 def load_caption_model(path, device: str = "cpu") -> CaptionModel:
     """The handle for a model: a directory is an ONNX export (``captioner-export``, CPU only),
-    a file a captioner checkpoint (``.ckpt``, or any file torch reads). Raises an ``InputError``
-    (one line naming the file or directory) for a bad one."""
+    a file a captioner checkpoint (``.ckpt``, or any file torch reads), a list of files one
+    ensemble of checkpoints. Raises an ``InputError`` (one line naming the file or directory)
+    for a bad one."""
+    if isinstance(path, (list, tuple)):
+        if len(path) == 1:
+            return load_caption_model(path[0], device)
+        exports = [str(p) for p in path if Path(p).is_dir()]
+        if exports:
+            from captioner.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{exports[0]}: an ensemble is served from checkpoints, not "
+                                  "ONNX exports")
+        return TorchCaptionModel(path, device)
     if Path(path).is_dir():
         if device != "cpu":
             from captioner.export.onnx_runtime import OnnxLoadError

@@ -16,7 +16,8 @@ from starlette.responses import JSONResponse
 
 from captioner.cli import serve as serve_cli
 from captioner.serve.api import CaptionAPI, Job, Limits, Rejected, parse_request
-from captioner.serve.model import DecodeSettings, TorchCaptionModel
+from captioner.serve.model import DecodeSettings, TorchCaptionModel, load_caption_model
+from captioner.utils.errors import InputError
 
 DEFAULTS = {"beam_size": 3, "max_length": 8}
 
@@ -87,6 +88,28 @@ def test_torch_model_handle(serve_checkpoint):
         assert len(r["alternatives"]) == 2 and r["alternatives"][0]["caption"] == r["caption"]
         assert len(r["attention"]) == len(r["words"]) and all(len(a) == 16 for a in r["attention"])
     assert "attention" not in model(images[:1], DecodeSettings(1, 6))[0]
+
+
+def test_an_ensemble_of_checkpoints_is_one_model_handle(serve_checkpoint, tmp_path):
+    """``--checkpoint A --checkpoint B``: one handle; a model with itself answers as the model."""
+    single = TorchCaptionModel(serve_checkpoint)
+    twice = load_caption_model([serve_checkpoint, serve_checkpoint])
+    assert twice.info["name"] == "tiny.ckpt + tiny.ckpt"
+    assert twice.info["decoder"] == "LSTMDecoder + LSTMDecoder"
+    assert twice.info["grid"] == single.info["grid"] and twice.info["decode"] == single.info["decode"]
+    images = [Image.new("RGB", (50, 30), c) for c in ("red", "blue")]
+    settings = DecodeSettings(beam_size=3, max_length=6, alternatives=2)
+    for a, b in zip(single(images, settings), twice(images, settings)):
+        assert a["caption"] == b["caption"] and a["score"] == pytest.approx(b["score"], abs=1e-5)
+    export = tmp_path / "export"
+    export.mkdir()
+    with pytest.raises(InputError, match="export: an ensemble is served from checkpoints"):
+        load_caption_model([serve_checkpoint, export])
+    api = CaptionAPI([serve_checkpoint, serve_checkpoint], Limits())  # what the worker loads
+    api.setup("cpu")
+    assert api.model.info["name"] == "tiny.ckpt + tiny.ckpt"
+    args = serve_cli.parse_args(["--checkpoint", "a.ckpt", "--checkpoint", "b.ckpt"])
+    assert [str(p) for p in args.checkpoint] == ["a.ckpt", "b.ckpt"]
 
 
 def test_bad_checkpoint_or_busy_port_stop_the_server_with_one_line(tmp_path, capsys):
