@@ -24,6 +24,7 @@ from torch import Tensor
 from captioner.export.onnx_export import CONFIG, FILES, FORMAT, FORMAT_VERSION
 from captioner.models.decoder import StepDecoder
 from captioner.models.search import generate as search_generate
+from captioner.models.search import vocabulary_bans
 from captioner.utils.errors import InputError
 
 
@@ -125,7 +126,7 @@ class OnnxCaptioner:
         self.decoder = OnnxStepDecoder(sessions["init_state"], sessions["step"], config)
         ids = config["special_ids"]
         self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
-        # the search's bans, as ``Captioner._bans`` (absent from exports made before them)
+        # the search's bans (``search.vocabulary_bans``; absent from exports made before them)
         self.unk_id, self.bad_ending_ids = ids.get("unk"), list(ids.get("bad_endings", ()))
         self.image_size = config["preprocess"]["image_size"]
         # the checkpoint's preprocessing (exports before it was stored: None, ImageNet statistics)
@@ -150,9 +151,9 @@ class OnnxCaptioner:
             raise ValueError("pass exactly one of images and features")
         features = self.encode(images) if features is None else features  # (B, R, C)
         return search_generate(self.decoder, features, bos_id=self.bos_id, eos_id=self.eos_id,
-                               pad_id=self.pad_id, unk_id=self.unk_id if ban_unk else None,
-                               bad_ending_ids=self.bad_ending_ids if ban_bad_endings else (),
-                               **decode)
+                               pad_id=self.pad_id, **decode,
+                               **vocabulary_bans(self.unk_id, self.bad_ending_ids, ban_unk,
+                                                 ban_bad_endings))
 
     def caption_files(self, paths: list, batch_size: int = 16, **decode) -> list[dict]:
         """``captioner.inference.caption_files`` with this model and its decoding defaults."""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from captioner.models.scheduled_sampling import scheduled_sampling
-from captioner.models.search import generate, sample
+from captioner.models.search import generate, sample, vocabulary_bans
 from captioner.utils.hardware import DECODE_PRECISIONS, resolve_decode_precision
 
 
@@ -41,8 +41,7 @@ class Captioner(nn.Module):
         self.unk_id, self.bad_ending_ids = unk_id, list(bad_ending_ids or ())
 
     def _bans(self, ban_unk: bool, ban_bad_endings: bool) -> dict:
-        return {"unk_id": self.unk_id if ban_unk else None,
-                "bad_ending_ids": self.bad_ending_ids if ban_bad_endings else ()}
+        return vocabulary_bans(self.unk_id, self.bad_ending_ids, ban_unk, ban_bad_endings)
 
     def encode(self, images: Tensor) -> Tensor:
         return self.encoder(images)  # (B, R, C)

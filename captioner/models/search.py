@@ -34,6 +34,14 @@ def _log_probs(logits: Tensor) -> Tensor:
     return logits.log_softmax(-1)
 
 
+def vocabulary_bans(unk_id: int | None, bad_ending_ids: Sequence[int], ban_unk: bool = True,
+                    ban_bad_endings: bool = True) -> dict:
+    """The searches' ``unk_id`` / ``bad_ending_ids`` arguments for a model's vocabulary, each ban
+    on or off (what ``Captioner`` and the ONNX runtime pass alike)."""
+    return {"unk_id": unk_id if ban_unk else None,
+            "bad_ending_ids": list(bad_ending_ids) if ban_bad_endings else ()}
+
+
 @dataclass
 class Constraints:
     """What the search may not choose: see the module docstring."""
@@ -117,7 +125,10 @@ def greedy_search(
     for t in range(max_length):
         logits, state, attn = decoder.step(last, state)  # (B, V)
         if rules.active(t) or return_scores:  # the argmax of the logits is that of the log-probs
-            hist = torch.stack(tokens, 1) if tokens else last.new_empty(B, 0)  # (B, t)
+            if rules.no_repeat_ngram_size > 0:  # the whole caption so far: (B, t)
+                hist = torch.stack(tokens, 1) if tokens else last.new_empty(B, 0)
+            else:  # the other bans read only the last token: no O(t) stack per step
+                hist = last[:, None] if tokens else last.new_empty(B, 0)  # (B, <=1)
             if return_scores:  # scores sum log-probs, as beam search does
                 logits = _log_probs(logits)
             logits = rules.ban(logits, hist, t)
