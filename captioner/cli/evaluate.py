@@ -62,8 +62,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     datamodule.set_preprocess(payload.get("preprocess"))  # what the model was trained on
     datamodule.prepare_data()
     datamodule.set_tokenizer(tokenizer)
-    if datamodule.cache_features:  # data.cache_features=true: the frozen encoder's cached features
-        datamodule.set_encoder(model.encoder)
+    if datamodule.cache_features:  # data.cache_features=true: the encoder's cached features
+        datamodule.set_encoder(model.encoder, inference=True)  # fine-tuned ones too: none trains
     split = cfg.split
     hyps = caption_loader(model, tokenizer, datamodule.dataloader(split), decode)
     refs = {i: c for i, c in datamodule.references(split).items() if i in hyps}

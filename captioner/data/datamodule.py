@@ -174,7 +174,7 @@ class CaptionDataModule(L.LightningDataModule):
                              "with data.cache_features=true")
         self.cache_features, self.cache_dir, self.cache_dtype = cache_features, cache_dir, cache_dtype
         self.cache_batch_size = cache_batch_size
-        self.encoder = None
+        self.encoder, self.encoder_fixed = None, False  # ``set_encoder``
         self.declared_preprocess = None  # the encoder's, from set_preprocess
         self.splits, self.root, self.synthetic, self.folder = dict(splits), root, synthetic, folder
         self.image_size, self.augment = image_size, augment
@@ -281,14 +281,17 @@ class CaptionDataModule(L.LightningDataModule):
         return build_transform(self.image_size, train=train, augment=self.augment,
                                preprocess=self.declared_preprocess)
 
-    def set_encoder(self, encoder) -> None:
-        """The frozen encoder whose features ``cache_features`` serves."""
-        self.encoder = encoder
+    def set_encoder(self, encoder, inference: bool = False) -> None:
+        """The frozen encoder whose features ``cache_features`` serves. ``inference``: nothing will
+        train it (evaluation), so a fine-tuned encoder's features may be cached too (the cache
+        key hashes its weights)."""
+        self.encoder, self.encoder_fixed = encoder, inference
 
     def _cache_encoder(self):
         encoder = self.encoder
-        if encoder is not None and (getattr(encoder, "trainable", True)
-                                    or any(p.requires_grad for p in encoder.parameters())):
+        if encoder is not None and not self.encoder_fixed and (
+                getattr(encoder, "trainable", True)
+                or any(p.requires_grad for p in encoder.parameters())):
             raise ValueError(
                 "data.cache_features=true needs a frozen encoder (its features must not change "
                 "during training): set model.encoder.trainable=false, or data.cache_features=false")

@@ -107,6 +107,9 @@ def test_trainable_encoder_is_refused(synthetic_root, tmp_path):
     dm.set_encoder(CNNEncoder("resnet18", trainable=True, return_layer="layer2"))
     with pytest.raises(ValueError, match="model.encoder.trainable=false"):
         dm.train_dataloader()
+    # evaluating a fine-tuned checkpoint: nothing trains the encoder, so its features cache
+    dm.set_encoder(CNNEncoder("resnet18", trainable=True, return_layer="layer2"), inference=True)
+    assert next(iter(dm.dataloader("val")))["features"].dim() == 3  # (B, R, C)
     with pytest.raises(ValueError, match="augment"):
         datamodule(synthetic_root, tmp_path, augment=True)
 
