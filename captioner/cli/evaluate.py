@@ -53,7 +53,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     _, threads_reason = set_threads(cfg.get("threads"))
     log.info("threads: %s", threads_reason)
     ckpt = cfg.ckpt_path  # a path, or a list of them: an ensemble
-    ckpt = OmegaConf.to_container(ckpt) if OmegaConf.is_list(ckpt) else ckpt
+    ckpt = OmegaConf.to_container(ckpt, resolve=True) if OmegaConf.is_list(ckpt) else ckpt
     model, tokenizer, payload = load_checkpoints(ckpt)
     decode = decode_settings(payload["decode"], OmegaConf.to_container(cfg.decode))
     if decode["precision"] == "auto":

@@ -174,7 +174,7 @@ class CaptionDataModule(L.LightningDataModule):
                              "with data.cache_features=true")
         self.cache_features, self.cache_dir, self.cache_dtype = cache_features, cache_dir, cache_dtype
         self.cache_batch_size = cache_batch_size
-        self.encoder, self.encoder_fixed = None, False  # ``set_encoder``
+        self.encoder, self.inference = None, False  # ``set_encoder``
         self.declared_preprocess = None  # the encoder's, from set_preprocess
         self.splits, self.root, self.synthetic, self.folder = dict(splits), root, synthetic, folder
         self.image_size, self.augment = image_size, augment
@@ -285,11 +285,11 @@ class CaptionDataModule(L.LightningDataModule):
         """The frozen encoder whose features ``cache_features`` serves. ``inference``: nothing will
         train it (evaluation), so a fine-tuned encoder's features may be cached too (the cache
         key hashes its weights)."""
-        self.encoder, self.encoder_fixed = encoder, inference
+        self.encoder, self.inference = encoder, inference
 
     def _cache_encoder(self):
         encoder = self.encoder
-        if encoder is not None and not self.encoder_fixed and (
+        if encoder is not None and not self.inference and (
                 getattr(encoder, "trainable", True)
                 or any(p.requires_grad for p in encoder.parameters())):
             raise ValueError(

@@ -38,6 +38,13 @@ class ConcatEncoder(nn.Module):
         # the feature cache serves frozen encoders only (``data.datamodule._cache_encoder``)
         self.trainable = any(getattr(e, "trainable", True) for e in encoders)
 
+    def identity(self) -> dict:
+        """What the feature cache keys on besides the weights: each member's own settings
+        (which layer, grid size, class token), so two ensembles differing there never share."""
+        return {"class": type(self).__name__,
+                "members": [e.identity() if hasattr(e, "identity") else {"class": type(e).__name__}
+                            for e in self.encoders]}
+
     def forward(self, images: Tensor) -> Tensor:
         grids = [e(images) for e in self.encoders]  # each (B, R_i, C_i)
         sizes = {g.size(1) for g in grids}
@@ -107,11 +114,15 @@ class EnsembleDecoder(StepDecoder):
         return self._join([m.reorder_state(part, index) if part else part
                            for m, part in zip(self.members, self._split(state))])
 
-    def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher forcing: the members' mean log-probs (B*k, T, V) and mean attention."""
+    def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Teacher forcing: the members' mean log-probs (B*k, T, V) — log-probs where other
+        decoders return logits: cross-entropy and argmax read both alike — and their mean
+        attention (B*k, T, R) where they share the grid (heads already averaged by each)."""
         outs = [m(self._features(features, i), tokens) for i, m in enumerate(self.members)]
         log_probs = self._mean([logits.float().log_softmax(-1) for logits, _ in outs])
-        attns = [a for _, a in outs]
+        attns = [a for _, a in outs if a is not None]
+        if not attns:
+            return log_probs, None
         same = len({a.shape for a in attns}) == 1
         return log_probs, (torch.stack(attns).mean(0) if same else attns[0])
 
@@ -133,6 +144,8 @@ def ensemble(models: Sequence[Captioner], encoder_keys: Sequence[str] | None = N
     if len(models) < 2:
         raise ValueError("an ensemble needs at least two models")
     keys = list(encoder_keys) if encoder_keys is not None else [None] * len(models)
+    if len(keys) != len(models):
+        raise ValueError(f"{len(keys)} encoder keys for {len(models)} models")
     distinct, owner = [], []  # distinct encoders; index into it per member
     for model, key in zip(models, keys):
         for j, (enc, enc_key) in enumerate(distinct):

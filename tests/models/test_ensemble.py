@@ -117,6 +117,11 @@ def test_members_share_an_encoder_only_when_it_is_the_same():
     assert tokens.shape[0] == 2 and attn.shape[-1] == grid.size(1)
     # the same weights read through another config (which layer's grid) are not shared
     assert isinstance(ensemble([lstm, transformer], ["layer2", "layer3"]).encoder, ConcatEncoder)
+    with pytest.raises(ValueError, match="1 encoder keys for 2 models"):
+        ensemble([lstm, transformer], ["layer2"])
+    # the feature cache keys a joined encoder by every member's settings, not its class alone
+    members = apart.encoder.identity()["members"]
+    assert [m["class"] for m in members] == [type(lstm.encoder).__name__] * 2
 
 
 def save(path, model, config, tok, image_size=32):
@@ -144,9 +149,8 @@ def test_checkpoints_load_as_an_ensemble_and_refuse_what_cannot_join(tmp_path):
     with pytest.raises(CheckpointError, match="missing.ckpt"):
         load_checkpoints([a, tmp_path / "missing.ckpt"])
     # distinct encoders with different grids cannot share one input: refused at load
-    deep_model, deep_config = captioner(LSTM, 1, tok)
-    deep_config["encoder"]["return_layer"] = "layer3"
-    deep_model, _ = build_model(deep_config), None
-    e = save(tmp_path / "e.ckpt", deep_model, deep_config, tok)
+    _, deep_config = captioner(LSTM, 1, tok)
+    deep_config["encoder"]["return_layer"] = "layer3"  # a 2x2 grid where a.ckpt's is 4x4
+    e = save(tmp_path / "e.ckpt", build_model(deep_config), deep_config, tok)
     with pytest.raises(CheckpointError, match="different grids"):
         load_checkpoints([a, e])
