@@ -172,16 +172,14 @@ def load_checkpoints(paths, map_location="cpu"):
     The members must share the vocabulary and the input: a checkpoint that does not is named."""
     import json
 
-    from captioner.data.images import checkpoint_transform
+    from captioner.data.images import checkpoint_transform, resolve_preprocess
     from captioner.models.ensemble import ConcatEncoder, ensemble
 
-    if isinstance(paths, (str, Path)):
-        return load_checkpoint(paths, map_location)
-    paths = [str(p) for p in paths]
-    if len(paths) == 1:
-        return load_checkpoint(paths[0], map_location)
+    paths = [str(paths)] if isinstance(paths, (str, Path)) else [str(p) for p in paths]
     if not paths:
         raise CheckpointError("no checkpoint given")
+    if len(paths) == 1:
+        return load_checkpoint(paths[0], map_location)
     loaded = [load_checkpoint(p, map_location) for p in paths]
     model, tokenizer, payload = loaded[0]
     for path, (_, other_tok, other) in zip(paths[1:], loaded[1:]):
@@ -201,9 +199,10 @@ def load_checkpoints(paths, map_location="cpu"):
     try:
         joined = ensemble([m for m, _, _ in loaded], keys)
         if isinstance(joined.encoder, ConcatEncoder):
-            with torch.no_grad():  # distinct encoders must give one grid: find out now, not mid-run
-                size = int(payload["image_size"])
-                joined.encoder(torch.zeros(1, 3, size, size))
+            # distinct encoders must give one grid: find out now, not mid-run, at the size fed
+            height, width = resolve_preprocess(payload.get("preprocess"), payload["image_size"])["size"]
+            with torch.no_grad():
+                joined.encoder(torch.zeros(1, 3, height, width))
     except ValueError as e:
         raise CheckpointError(f"{', '.join(paths)}: {e}") from None
     return joined.eval(), tokenizer, {**payload, "ensemble": paths}
