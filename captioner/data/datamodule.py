@@ -29,6 +29,7 @@ from captioner.data.tokenizer import encode, train_tokenizer
 from captioner.utils.hardware import auto_workers, spare_cores
 
 log = logging.getLogger(__name__)
+CACHED_KEYS = ("features", "trunk")  # batch keys of cached encoder output (``CachedFeatureDataset``)
 datasets.disable_progress_bars()
 
 
@@ -64,11 +65,14 @@ class CaptionImageDataset(Dataset):
 
 
 class CachedFeatureDataset(Dataset):
-    """Like ``CaptionImageDataset``, with the encoder's cached features (R, C) instead of the image."""
+    """Like ``CaptionImageDataset``, with cached encoder output instead of the image: under
+    ``key`` "features" the encoder's features (R, C), under "trunk" the map (C', h, w) of the
+    frozen trunk that a fine-tuning run's trainable blocks continue from."""
 
     def __init__(self, table: datasets.Dataset, cache: FeatureCache, captions_per_image: int,
-                 train: bool):
+                 train: bool, key: str = "features"):
         self.table, self.cache, self.k, self.train = table, cache, captions_per_image, train
+        self.key = key
 
     def __len__(self) -> int:
         return len(self.table)
@@ -77,7 +81,7 @@ class CachedFeatureDataset(Dataset):
         if not self.cache.valid[i]:  # an unreadable image, skipped at extraction
             return None
         row = self.table[i]
-        return {"features": self.cache[i],
+        return {self.key: self.cache[i],
                 "captions": choose_captions(row["input_ids"], self.k, self.train),
                 "image_id": row["image_id"]}
 
@@ -89,9 +93,9 @@ class CachedFeatureDataset(Dataset):
         keep = [i for i, ok in zip(indices, valid) if ok]
         if not keep:
             return [None] * len(indices)
-        feats = self.cache.rows(keep)  # (n, R, C)
+        feats = self.cache.rows(keep)  # (n, R, C) or (n, C', h, w)
         rows = self.table[keep]  # columns for all kept rows at once
-        items = iter([{"features": feats[j],
+        items = iter([{self.key: feats[j],
                        "captions": choose_captions(ids, self.k, self.train),
                        "image_id": image_id}
                       for j, (ids, image_id) in enumerate(zip(rows["input_ids"], rows["image_id"]))])
@@ -114,8 +118,9 @@ class PadCollate:
         batch = {"captions": captions,
                  "image_ids": torch.tensor([x["image_id"] for x in items], dtype=torch.long),
                  "num_skipped": skipped}  # counted per epoch by training/skipped_images.py
-        if items and "features" in items[0]:
-            batch["features"] = torch.stack([x["features"] for x in items])  # (B, R, C)
+        cached = [key for key in CACHED_KEYS if items and key in items[0]]
+        if cached:  # features (B, R, C) or trunk maps (B, C', h, w)
+            batch[cached[0]] = torch.stack([x[cached[0]] for x in items])
         else:
             batch["images"] = torch.stack([x["image"] for x in items]) if items else torch.empty(0)
         return batch
@@ -137,7 +142,8 @@ class CaptionDataModule(L.LightningDataModule):
         cache_features: serve ``batch["features"]`` (B, R, C) from a disk cache of the frozen
             encoder's features instead of images. The encoder is the one given to ``set_encoder``
             (``train.py`` and ``evaluate.py`` give the model's); without one the loaders serve
-            images as usual.
+            images as usual. A CNN that fine-tunes only its last blocks caches its frozen trunk
+            instead: ``batch["trunk"]`` (B, C', h, w), and the training step runs the rest.
         cache_dir: where cache entries live (one folder per encoder + transform + image list).
         cache_dtype: float32, or float16 for half the disk and page cache.
         cache_batch_size: images per feature-extraction batch.
@@ -287,20 +293,27 @@ class CaptionDataModule(L.LightningDataModule):
         key hashes its weights)."""
         self.encoder, self.inference = encoder, inference
 
-    def _cache_encoder(self):
+    def _cache_encoder(self) -> tuple[torch.nn.Module | None, str]:
+        """(what to cache, the batch key it is served under). A frozen encoder (or any, when
+        only evaluating) caches its features; one that fine-tunes its last blocks caches its
+        frozen trunk's maps, and the training step runs the trainable blocks on them."""
         encoder = self.encoder
-        if encoder is not None and not self.inference and (
+        if encoder is None or self.inference or not (
                 getattr(encoder, "trainable", True)
                 or any(p.requires_grad for p in encoder.parameters())):
+            return encoder, "features"
+        trunk = encoder.frozen_trunk() if hasattr(encoder, "frozen_trunk") else None
+        if trunk is None:
             raise ValueError(
-                "data.cache_features=true needs a frozen encoder (its features must not change "
-                "during training): set model.encoder.trainable=false, or data.cache_features=false")
-        return encoder
+                "data.cache_features=true needs a frozen encoder, or a CNN that trains only its "
+                "last blocks (model.encoder.trainable_layers=N): set "
+                "model.encoder.trainable=false, or data.cache_features=false")
+        return trunk, "trunk"
 
     def features(self, split: str) -> FeatureCache | None:
-        """The split's cached encoder features (extracted on first use), or None without an
-        encoder to extract them with."""
-        encoder = self._cache_encoder()
+        """The split's cached encoder features, or frozen-trunk maps (``_cache_encoder``),
+        extracted on first use; None without an encoder to extract them with."""
+        encoder, _ = self._cache_encoder()
         if encoder is None:
             log.info("data.cache_features: no encoder attached, serving images")
             return None
@@ -314,7 +327,8 @@ class CaptionDataModule(L.LightningDataModule):
     def dataloader(self, split: str, train: bool = False) -> DataLoader:
         cache = self.features(split) if self.cache_features else None
         if cache is not None:
-            ds = CachedFeatureDataset(self.table(split), cache, self.k, train)
+            ds = CachedFeatureDataset(self.table(split), cache, self.k, train,
+                                      key=self._cache_encoder()[1])
         else:
             transform = self.transform(train=train)
             ds = CaptionImageDataset(self.table(split), transform, self.k, train,

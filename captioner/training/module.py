@@ -105,6 +105,8 @@ class CaptioningModule(L.LightningModule):
         """Region features (B, R, C): cached ones when the data module provides them."""
         if "features" in batch:
             return batch["features"]
+        if "trunk" in batch:  # the frozen trunk's cached maps: the trainable blocks run here
+            return self.model.encoder.from_trunk(batch["trunk"])
         return self.model.encode(batch["images"])
 
     def caption_loss(self, batch: dict, regularise: bool = True, ss_prob: float = 0.0,

@@ -1,6 +1,8 @@
 """Cached frozen-encoder features: equal to a forward pass, keyed so any change invalidates,
 written atomically, served by the data module and used by training."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -105,7 +107,7 @@ def test_unreadable_image_is_skipped_or_named(synthetic_root, tmp_path):
 def test_trainable_encoder_is_refused(synthetic_root, tmp_path):
     dm = datamodule(synthetic_root, tmp_path)
     dm.set_encoder(CNNEncoder("resnet18", trainable=True, return_layer="layer2"))
-    with pytest.raises(ValueError, match="model.encoder.trainable=false"):
+    with pytest.raises(ValueError, match="model.encoder.trainable=false"):  # every block trains
         dm.train_dataloader()
     # evaluating a fine-tuned checkpoint: nothing trains the encoder, so its features cache
     dm.set_encoder(CNNEncoder("resnet18", trainable=True, return_layer="layer2"), inference=True)
@@ -126,6 +128,17 @@ def test_training_from_cached_features(train_cfg, tmp_path):
     assert np.isfinite(metrics["train/loss"])
     entries = sorted(p.name.split("-")[0] for p in cache.iterdir())
     assert entries == ["test", "train", "val"]
+    # fine-tuning the last 2 blocks: the frozen trunk's maps are cached, the step runs the rest
+    metrics = run(train_cfg(
+        "model/encoder=efficientnet_lite0", "model.encoder.pretrained=false",
+        "model.encoder.return_layer=3", "model.encoder.trainable=true",
+        "model.encoder.trainable_layers=2", "++data.cache_features=true",
+        f"++data.cache_dir={cache}", "trainer.fast_dev_run=true",
+    ))
+    assert np.isfinite(metrics["train/loss"])
+    trunks = [json.loads((p / "meta.json").read_text())["encoder"].get("trunk_blocks")
+              for p in cache.iterdir()]
+    assert sorted(trunks, key=str) == [3, 3, 3, None, None, None]
 
 
 def test_efficientnet_features_cache_keyed_by_weights(synthetic_root, tmp_path):
@@ -159,3 +172,44 @@ def test_batched_fetch_equals_item_by_item_and_uses_no_workers(synthetic_root, t
             assert b["features"].dtype == torch.float32
             torch.testing.assert_close(b["features"], s["features"], rtol=0, atol=0)
             assert b["captions"] == s["captions"] and b["image_id"] == s["image_id"]
+
+
+def test_fine_tuning_caches_the_frozen_trunk_and_trains_the_rest(synthetic_root, tmp_path):
+    """trainable_layers=N with cache_features: the frozen blocks' maps are cached, the last N
+    blocks run in the step (and get gradients), and the features equal a full forward pass."""
+    torch.manual_seed(0)
+    enc = EfficientNetLiteEncoder(pretrained=False, return_layer=3, trainable=True,
+                                  trainable_layers=2)  # stem + 4 MBConv: the last 2 train
+    assert enc.trunk_blocks == 3
+    dm = datamodule(synthetic_root, tmp_path)
+    dm.set_encoder(enc)
+    batch = next(iter(dm.val_dataloader()))
+    assert "features" not in batch and batch["trunk"].dim() == 4  # (B, C', h, w)
+    paths = dm.table("val")["path"][:4]
+    images = torch.stack([build_transform(32)(load_image(p)) for p in paths])
+    enc.eval()
+    with torch.no_grad():
+        direct = enc(images)  # (B, R, C)
+    torch.testing.assert_close(enc.from_trunk(batch["trunk"]), direct, rtol=1e-4, atol=1e-4)
+    # the trainable blocks learn from the cached maps; the trunk's weights get no gradient
+    enc.train()
+    enc.from_trunk(batch["trunk"]).sum().backward()
+    assert all(p.grad is not None for p in enc.blocks[3:].parameters())
+    assert all(p.grad is None for p in enc.blocks[:3].parameters())
+    # its entry is keyed apart from the whole frozen encoder's, and survives the head changing
+    trunk_entry = dm.features("val").folder
+    with torch.no_grad():
+        enc.blocks[-1].block._project_conv.weight.mul_(2)
+    assert dm.features("val").folder == trunk_entry
+    frozen = EfficientNetLiteEncoder(pretrained=False, return_layer=3)
+    frozen.load_state_dict(enc.state_dict())
+    dm.set_encoder(frozen)
+    assert dm.features("val").folder != trunk_entry
+    # the trunk stays in eval mode (its BatchNorm statistics untouched) while the encoder trains
+    trunk = enc.frozen_trunk()
+    trunk.train()
+    assert not any(m.training for m in trunk.modules())
+    # every block trainable: nothing frozen to cache
+    dm.set_encoder(EfficientNetLiteEncoder(pretrained=False, return_layer=3, trainable=True))
+    with pytest.raises(ValueError, match="trainable_layers"):
+        dm.train_dataloader()

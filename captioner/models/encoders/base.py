@@ -166,6 +166,50 @@ class GridEncoder(TrainableMixin, nn.Module):
         x = self.pool(self.blocks(self.normalise(images)))  # (B, C, h, w)
         return x.flatten(2).transpose(1, 2)  # features (B, R, C)
 
+    # --- the frozen trunk: what a fine-tuning run may cache ---------------------------------
+    @property
+    def trunk_blocks(self) -> int:
+        """How many leading blocks never train in this run (all when not trainable)."""
+        if not self.trainable:
+            return self.num_blocks
+        return self.num_blocks - (self.num_blocks if self.trainable_layers is None
+                                  else self.trainable_layers)
+
+    def frozen_trunk(self) -> nn.Module | None:
+        """The leading blocks that never train, as a module mapping images (B, 3, H, W) to their
+        map (B, C', h, w): fixed for the whole run, so a data module may cache it while the last
+        ``trainable_layers`` blocks fine-tune on top (``from_trunk``). None when every block
+        trains (nothing to cache) or none does (cache the whole encoder instead)."""
+        k = self.trunk_blocks
+        return FrozenTrunk(self, k) if 0 < k < self.num_blocks else None
+
+    def from_trunk(self, x: Tensor) -> Tensor:
+        """The rest of ``forward`` after ``frozen_trunk``: (B, C', h, w) -> features (B, R, C)."""
+        x = self.pool(self.blocks[self.trunk_blocks:](x))  # (B, C, h, w)
+        return x.flatten(2).transpose(1, 2)
+
+
+class FrozenTrunk(nn.Module):
+    """The first ``k`` blocks of a ``GridEncoder`` (sharing its modules), always in eval mode:
+    frozen blocks keep their BatchNorm statistics and drop nothing, so their output is a pure
+    function of the image and its cache stays valid while the blocks after them train."""
+
+    def __init__(self, encoder: GridEncoder, k: int):
+        super().__init__()
+        self.normalise = encoder.normalise  # a bound method: the encoder's input buffers
+        self.blocks = encoder.blocks[:k]
+        self._identity = {**encoder.identity(), "trunk_blocks": k}
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def identity(self) -> dict:  # the cache key: the encoder's, and where the trunk ends
+        return self._identity
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.blocks(self.normalise(images))  # (B, C', h, w)
+
 
 CLASS_TOKEN = ("drop", "keep")
 FINAL = 10**6  # unit of a final norm: trains with the last block (``TokenEncoder._setup``)
