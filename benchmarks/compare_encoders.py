@@ -7,6 +7,8 @@ same decoder and the same number of epochs; wall time of each reported beside it
 Variants (the Transformer preset of the benchmark, ``experiment=<data>_transformer``):
     lite0             frozen EfficientNet-Lite0 at its native 224 px (7x7 regions), cached features
     lite2             frozen EfficientNet-Lite2 at its native 260 px (9x9 regions), cached features
+    lite2_random      Lite2's architecture with random weights, frozen, cached (what ImageNet
+                      weights add; not in the default ``--variants``)
     lite2_finetuned   Lite2 at 260 px, frozen for the first epoch, then its last ``--tune-layers``
                       blocks trained at ``--tune-lr``; the frozen trunk's maps are cached, so
                       every step runs only those blocks (before 2026-12-02: no cache, the whole
@@ -43,6 +45,8 @@ def variants(tune_layers: int, tune_lr: float) -> dict[str, list[str]]:
     return {
         "lite0": ["model/encoder=efficientnet_lite0", "data.image_size=224"],
         "lite2": ["model/encoder=efficientnet_lite2", "data.image_size=260"],
+        "lite2_random": ["model/encoder=efficientnet_lite2", "data.image_size=260",
+                         "model.encoder.pretrained=false"],
         "lite2_finetuned": ["model/encoder=efficientnet_lite2", "data.image_size=260",
                             "data.cache_features=true", "model.encoder.trainable=true",
                             f"model.encoder.trainable_layers={tune_layers}",
