@@ -168,7 +168,8 @@ def load_checkpoint(path, map_location="cpu"):
 def load_checkpoints(paths, map_location="cpu"):
     """One checkpoint (a path) as ``load_checkpoint``; several (a list) as one ensemble
     (``models/ensemble.py``) -> (model, tokenizer, payload). The ensemble's payload is the first
-    checkpoint's (its decoding settings, input size, preprocessing) with ``ensemble``: the paths.
+    checkpoint's (its decoding settings, input size, preprocessing) with ``ensemble``: the paths,
+    and ``ensemble_model_configs``: each member's model config.
     The members must share the vocabulary and the input: a checkpoint that does not is named."""
     import json
 
@@ -205,4 +206,5 @@ def load_checkpoints(paths, map_location="cpu"):
                 joined.encoder(torch.zeros(1, 3, height, width))
     except ValueError as e:
         raise CheckpointError(f"{', '.join(paths)}: {e}") from None
-    return joined.eval(), tokenizer, {**payload, "ensemble": paths}
+    return joined.eval(), tokenizer, {**payload, "ensemble": paths,
+                                      "ensemble_model_configs": [p["model_config"] for _, _, p in loaded]}

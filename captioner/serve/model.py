@@ -93,22 +93,36 @@ class _SearchCaptionModel:
         return out
 
 
+def _describe_encoder(config: dict) -> dict:
+    """A stored encoder config as ``/info`` shows it: its settings and class name."""
+    described = {k: v for k, v in config.items() if k != "_target_"}
+    described["class"] = config["_target_"].rsplit(".", 1)[1]
+    return described
+
+
 class TorchCaptionModel(_SearchCaptionModel):
     """A captioner checkpoint run with PyTorch, read under the checkpoint rules
     (``checkpoint.load_checkpoint``: ``weights_only``, format version, allowlisted classes)."""
 
     def __init__(self, checkpoint, device: str = "cpu"):
         """``checkpoint``: a path, or a list of paths served as one ensemble
-        (``checkpoint.load_checkpoints``; its encoder is described by the first's config)."""
+        (``checkpoint.load_checkpoints``)."""
         from captioner.checkpoint import load_checkpoints
         from captioner.inference import decode_settings
-        from captioner.models.ensemble import EnsembleDecoder
+        from captioner.models.ensemble import ConcatEncoder, EnsembleDecoder
 
         paths = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
         model, tokenizer, payload = load_checkpoints(paths, map_location=device)
-        config = payload["model_config"]
-        encoder = {k: v for k, v in config["encoder"].items() if k != "_target_"}
-        encoder["class"] = config["encoder"]["_target_"].rsplit(".", 1)[1]
+        configs = payload.get("ensemble_model_configs", [payload["model_config"]])
+        encoders = [_describe_encoder(c["encoder"]) for c in configs]
+        encoder = encoders[0]
+        if isinstance(model.encoder, ConcatEncoder):  # distinct encoders, grids joined
+            by_slice = {}  # members on one encoder read one channel slice: describe it once
+            for described, channels in zip(encoders, model.decoder.slices):
+                by_slice.setdefault(channels, described)
+            members = list(by_slice.values())
+            encoder = {"class": "ConcatEncoder", "members": members,
+                       "name": " + ".join(str(e.get("name") or e["class"]) for e in members)}
         decoders = (model.decoder.members if isinstance(model.decoder, EnsembleDecoder)
                     else [model.decoder])
         info = {"name": " + ".join(Path(p).name for p in paths), "runtime": "pytorch",

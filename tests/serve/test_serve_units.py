@@ -9,6 +9,7 @@ import json
 import socket
 
 import pytest
+import torch
 from PIL import Image
 from serve_helpers import jpeg
 from starlette.datastructures import FormData, UploadFile
@@ -97,6 +98,17 @@ def test_an_ensemble_of_checkpoints_is_one_model_handle(serve_checkpoint, tmp_pa
     assert twice.info["name"] == "tiny.ckpt + tiny.ckpt"
     assert twice.info["decoder"] == "LSTMDecoder + LSTMDecoder"
     assert twice.info["grid"] == single.info["grid"] and twice.info["decode"] == single.info["decode"]
+    assert twice.info["encoder"] == single.info["encoder"]  # one shared encoder, described once
+    # members on distinct encoders (other weights): /info describes each
+    from captioner.checkpoint import load_checkpoint, save_checkpoint
+
+    model, tok, payload = load_checkpoint(serve_checkpoint)
+    with torch.no_grad():
+        model.encoder.blocks[0][0].weight.mul_(2)
+    other = save_checkpoint(tmp_path / "other.ckpt", model, payload["model_config"], tok,
+                            payload["decode"], payload["image_size"])
+    joined = load_caption_model([serve_checkpoint, other]).info["encoder"]
+    assert joined["class"] == "ConcatEncoder" and joined["members"] == [single.info["encoder"]] * 2
     images = [Image.new("RGB", (50, 30), c) for c in ("red", "blue")]
     settings = DecodeSettings(beam_size=3, max_length=6, alternatives=2)
     for a, b in zip(single(images, settings), twice(images, settings)):
