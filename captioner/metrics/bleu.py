@@ -66,6 +66,26 @@ def _bleu_from_counts(testlen: float, reflen: float, guess, correct, n: int) -> 
     return out
 
 
+def _per_sentence(testlen, reflen, guess, correct, n: int) -> np.ndarray:
+    """(H, n) BLEU-1..n of each hypothesis, vectorised with pycocoevalcap's operation order."""
+    ratio = (testlen + _TINY) / (reflen + _SMALL)
+    bp = np.where(ratio < 1, np.exp(1 - 1 / np.where(ratio < 1, ratio, 1.0)), 1.0)  # brevity
+    prod = np.ones(len(testlen))
+    cols = []
+    for k in range(n):
+        prod = prod * ((correct[:, k] + _TINY) / (guess[:, k] + _SMALL))
+        cols.append(prod ** (1.0 / (k + 1)) * bp)
+    return np.stack(cols, axis=1) if cols else np.zeros((len(testlen), 0))
+
+
+def sentence_bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]], n: int = 4) -> np.ndarray:
+    """(H, n) BLEU-1..n of each tokenised hypothesis ``hyps[i]`` against ``refs[i]``, as
+    pycocoevalcap scores one image (a list, so several hypotheses may share an image)."""
+    if not hyps:
+        return np.zeros((0, n))
+    return _per_sentence(*bleu_counts(list(hyps), [list(r) for r in refs], n), n)
+
+
 def bleu(refs: Mapping[Hashable, Sequence[str]], hyps: Mapping[Hashable, Any],
          n: int = 4) -> tuple[list[float], dict[Hashable, list[float]]]:
     """Corpus BLEU-1..n and per-image BLEU-1..n, as pycocoevalcap's
@@ -77,15 +97,7 @@ def bleu(refs: Mapping[Hashable, Sequence[str]], hyps: Mapping[Hashable, Any],
         return [0.0] * n, {}
     testlen, reflen, guess, correct = bleu_counts(
         [as_hypothesis(hyps[i]) for i in ids], [list(refs[i]) for i in ids], n)
-    # per image, vectorised with the same operation order as pycocoevalcap
-    ratio = (testlen + _TINY) / (reflen + _SMALL)
-    bp = np.where(ratio < 1, np.exp(1 - 1 / np.where(ratio < 1, ratio, 1.0)), 1.0)
-    prod = np.ones(len(ids))
-    cols = []
-    for k in range(n):
-        prod = prod * ((correct[:, k] + _TINY) / (guess[:, k] + _SMALL))
-        cols.append(prod ** (1.0 / (k + 1)) * bp)
-    per = np.stack(cols, axis=1).tolist()
+    per = _per_sentence(testlen, reflen, guess, correct, n).tolist()
     corpus = _bleu_from_counts(float(testlen.sum()), float(reflen.sum()), guess.sum(axis=0),
                                correct.sum(axis=0), n)
     return corpus, dict(zip(ids, per))

@@ -17,7 +17,7 @@ from captioner.metrics.text import tokenize
 from captioner.models.captioner import Captioner
 from captioner.models.encoders import encoder_param_groups
 from captioner.training.schedules import build_scheduler, scheduled_sampling_prob
-from captioner.training.scst import CiderReward, rewards_and_baseline, self_critical_loss
+from captioner.training.scst import CaptionReward, rewards_and_baseline, self_critical_loss
 
 
 def gather_dict(trainer, local: dict) -> dict:
@@ -55,8 +55,9 @@ class CaptioningModule(L.LightningModule):
             ``schedules.scheduled_sampling_prob``; None or max_prob 0: off): teacher forcing
             with some input tokens replaced by the model's own sampled predictions (the model's
             ``forward(..., ss_prob=)``), the fraction ramping per epoch.
-        scst: ``{num_samples, baseline: greedy|mean, max_length, temperature}`` or None:
-            self-critical training with the CIDEr-D reward instead of cross-entropy.
+        scst: ``{num_samples, baseline: greedy|mean, max_length, temperature, bleu_weight}`` or
+            None: self-critical training with the CIDEr-D (+ ``bleu_weight`` x BLEU-4) reward
+            instead of cross-entropy.
         image_size: the training image size, stored so that captioning resizes the same way.
         preprocess: the whole input transform the encoder was trained on
             (``CaptionDataModule.preprocess``), stored in checkpoints for captioning.
@@ -91,14 +92,14 @@ class CaptioningModule(L.LightningModule):
         self.preprocess = dict(preprocess) if preprocess else None
         self.scheduled_sampling = dict(scheduled_sampling) if scheduled_sampling else None
         self.scst = {"num_samples": 5, "baseline": "greedy", "max_length": 20, "temperature": 1.0,
-                     **scst} if scst else None
+                     "bleu_weight": 0.0, **scst} if scst else None
         # plain dicts, not the config nodes passed in: checkpoints must load with weights_only
         self.save_hyperparameters(ignore=["model", "tokenizer", "optimizer", "scheduler",
                                           "scheduled_sampling", "scst"])
         self.hparams.update(scheduled_sampling=self.scheduled_sampling, scst=self.scst)
         self._hyps: dict[int, str] = {}
         self.ss_prob = 0.0  # scheduled-sampling probability of the current epoch
-        self.reward: CiderReward | None = None  # built from the training references at fit start
+        self.reward: CaptionReward | None = None  # built from the training references at fit start
 
     # ---- loss -------------------------------------------------------------------------------
     def features(self, batch: dict) -> torch.Tensor:
@@ -127,7 +128,7 @@ class CaptioningModule(L.LightningModule):
         return loss
 
     def self_critical_loss(self, batch: dict) -> torch.Tensor:
-        """Sample ``num_samples`` captions per image, reward them with CIDEr-D against the image's
+        """Sample ``num_samples`` captions per image, reward them (``CaptionReward``) against the image's
         references and reinforce those that beat the baseline (``training/scst.py``)."""
         cfg, decoder = self.scst, self.model.decoder
         features = self.features(batch)  # (B, R, C)
@@ -155,7 +156,8 @@ class CaptioningModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.scst is not None and self.reward is None:
-            self.reward = CiderReward(self.trainer.datamodule.references("train"))
+            self.reward = CaptionReward(self.trainer.datamodule.references("train"),
+                                        bleu_weight=self.scst["bleu_weight"])
 
     def on_train_epoch_start(self) -> None:
         encoder = self.model.encoder

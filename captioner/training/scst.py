@@ -1,5 +1,6 @@
 """Self-critical sequence training (Rennie et al. 2017): REINFORCE on sampled captions with the
-CIDEr-D reward, minus a baseline that needs no learned critic.
+CIDEr-D reward (optionally plus a weighted BLEU-4, whose brevity penalty pays for length, as
+ruotianluo's ``bleu_reward_weight``), minus a baseline that needs no learned critic.
 
     loss = -(reward - baseline) * (sum of the caption's token log-probs) / caption length
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from captioner.metrics.bleu import sentence_bleu
 from captioner.metrics.cider import CiderD
 from captioner.metrics.text import tokenize
 
@@ -44,25 +46,34 @@ def self_critical_loss(logprobs: Tensor, mask: Tensor, reward: Tensor, baseline:
     return -(advantage * mean_logprob).mean()
 
 
-class CiderReward:
+class CaptionReward:
     """CIDEr-D of captions against their image's references, with document frequencies from the
-    training references (computed once; see ``metrics.cider.CiderD``).
+    training references (computed once; see ``metrics.cider.CiderD``), plus ``bleu_weight`` times
+    the caption's BLEU-4 (0: CIDEr-D alone, the paper's reward). CIDEr-D's own length penalty
+    is symmetric; BLEU's brevity penalty only punishes captions shorter than their references.
 
     refs: image id -> raw reference captions (tokenised here as the evaluation tokenises them).
     """
 
-    def __init__(self, refs: Mapping[int, Sequence[str]]):
+    def __init__(self, refs: Mapping[int, Sequence[str]], bleu_weight: float = 0.0):
+        if bleu_weight < 0:
+            raise ValueError(f"loss.scst.bleu_weight={bleu_weight}: must be >= 0")
         self.refs = {i: [tokenize(c) for c in caps] for i, caps in refs.items()}
         self.scorer = CiderD(self.refs)
+        self.bleu_weight = float(bleu_weight)
 
     def __call__(self, captions: Sequence[str], image_ids: Sequence[int]) -> np.ndarray:
         """One reward per caption; ``image_ids[j]`` is the image of ``captions[j]``."""
         hyps = [tokenize(c) for c in captions]
-        return self.scorer.score(hyps, [self.refs[i] for i in image_ids])
+        refs = [self.refs[i] for i in image_ids]
+        reward = self.scorer.score(hyps, refs)
+        if self.bleu_weight:
+            reward = reward + self.bleu_weight * sentence_bleu(hyps, refs, 4)[:, 3]
+        return reward
 
 
 def rewards_and_baseline(
-    reward_fn: CiderReward, samples: Sequence[str], image_ids: Sequence[int], num_samples: int,
+    reward_fn: CaptionReward, samples: Sequence[str], image_ids: Sequence[int], num_samples: int,
     baseline: str, greedy: Sequence[str] | None = None, device=None,
 ) -> tuple[Tensor, Tensor]:
     """Rewards of the ``B*S`` image-major samples and their baselines, both ``(B*S,)`` float32.

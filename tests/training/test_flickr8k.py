@@ -61,7 +61,7 @@ def _greedy_reward(ckpt: Path, cfg) -> float:
 
     from captioner.checkpoint import load_checkpoint
     from captioner.inference import caption_loader
-    from captioner.training.scst import CiderReward
+    from captioner.training.scst import CaptionReward
 
     model, tokenizer, payload = load_checkpoint(ckpt)
     data = instantiate(cfg.data, image_size=payload["image_size"])
@@ -71,7 +71,7 @@ def _greedy_reward(ckpt: Path, cfg) -> float:
     data.set_encoder(model.encoder)
     decode = {"method": "greedy", "max_length": 16, "precision": "fp32"}
     hyps = caption_loader(model, tokenizer, data.dataloader("train"), decode, progress=False)
-    return float(CiderReward(data.references("train"))(list(hyps.values()), list(hyps)).mean())
+    return float(CaptionReward(data.references("train"))(list(hyps.values()), list(hyps)).mean())
 
 
 @pytest.mark.slow  # 1.5 min alone

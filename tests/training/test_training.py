@@ -18,7 +18,7 @@ from captioner.training.init_from import InitFromCheckpoint
 from captioner.training.module import CaptioningModule, attention_penalty
 from captioner.training.schedules import build_scheduler, scheduled_sampling_prob
 from captioner.training.scst import (
-    CiderReward,
+    CaptionReward,
     leave_one_out_baseline,
     rewards_and_baseline,
     self_critical_loss,
@@ -90,16 +90,36 @@ def test_rewards_and_baselines_are_aligned_with_samples():
 def test_cider_reward_prefers_the_caption_matching_the_references():
     refs = {0: ["A red circle left of a blue square.", "a red circle beside a blue square"],
             1: ["A green triangle above a yellow star.", "a green triangle over a star"]}
-    reward = CiderReward(refs)
+    reward = CaptionReward(refs)
     scores = reward(["a red circle left of a blue square", "a green triangle above a star"], [0, 0])
     assert scores[0] > 1.0 > scores[1] >= 0.0
+
+
+def test_a_bleu_term_pays_for_length_and_matches_pycocoevalcap():
+    """bleu_weight adds the caption's own BLEU-4 (pycocoevalcap's per-image value): a caption
+    cut short of its references gains less from it than the full one."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    from captioner.metrics.text import tokenize
+
+    refs = {0: ["a red circle left of a blue square", "a red circle beside a blue square"]}
+    hyps = ["a red circle left of a blue square", "a red circle left of a"]
+    plain, weighted = CaptionReward(refs), CaptionReward(refs, bleu_weight=2.0)
+    bonus = weighted(hyps, [0, 0]) - plain(hyps, [0, 0])
+    tok_refs = [tokenize(c) for c in refs[0]]
+    for hyp, b in zip(hyps, bonus):
+        _, per = Bleu(4).compute_score({0: tok_refs}, {0: [tokenize(hyp)]}, verbose=0)
+        assert b == pytest.approx(2.0 * per[3][0], abs=1e-9)
+    assert bonus[0] > bonus[1] > 0
+    with pytest.raises(ValueError, match="bleu_weight"):
+        CaptionReward(refs, bleu_weight=-1)
 
 
 def test_scst_fast_dev_run_both_baselines(train_cfg):
     for baseline in ("greedy", "mean"):
         metrics = fast_run(train_cfg, "experiment=scst", "init_from=null",
                            f"loss.scst.baseline={baseline}", "loss.scst.num_samples=2",
-                           "loss.scst.max_length=8")
+                           "loss.scst.max_length=8", "loss.scst.bleu_weight=0.5")
         assert math.isfinite(metrics["train/loss"]) and "train/reward" in metrics
 
 
