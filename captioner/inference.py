@@ -32,6 +32,8 @@ def caption_loader(model, tokenizer, loader: Iterable[dict], decode: dict,
                       dynamic_ncols=True):
         if "features" in batch:  # a data module serving cached encoder features
             tokens, _ = model.generate(features=batch["features"], **decode)
+        elif "trunk" in batch:  # or a frozen trunk's maps (the encoder's last blocks run here)
+            tokens, _ = model.generate(features=model.encoder.from_trunk(batch["trunk"]), **decode)
         else:
             tokens, _ = model.generate(batch["images"], **decode)
         for image_id, row in zip(batch["image_ids"].tolist(), tokens.tolist()):
