@@ -11,8 +11,9 @@ Variants (the Transformer preset of the benchmark, ``experiment=<data>_transform
                       weights add; not in the default ``--variants``)
     lite2_finetuned   Lite2 at 260 px, frozen for the first epoch, then its last ``--tune-layers``
                       blocks trained at ``--tune-lr``; the frozen trunk's maps are cached, so
-                      every step runs only those blocks (before 2026-12-02: no cache, the whole
-                      encoder every step, the same function at about 4x the time)
+                      every step runs only those blocks (its first Flickr8k run, early on
+                      2026-12-02, had no cache: the whole encoder every step, the same function,
+                      55 min against 18 for frozen Lite2)
 Each variant is a plain ``train.py`` command (printed before it starts; the cosine schedule spans
 the run), keeping its best val checkpoint (greedy CIDEr-D after every epoch). One
 ``evaluate.py -m split=val`` sweep then decodes every best checkpoint with beam 3 and scores it

@@ -288,9 +288,10 @@ class CaptionDataModule(L.LightningDataModule):
                                preprocess=self.declared_preprocess)
 
     def set_encoder(self, encoder, inference: bool = False) -> None:
-        """The frozen encoder whose features ``cache_features`` serves. ``inference``: nothing will
-        train it (evaluation), so a fine-tuned encoder's features may be cached too (the cache
-        key hashes its weights)."""
+        """The model's encoder, whose features ``cache_features`` serves (frozen; or, when it
+        fine-tunes its last blocks, its frozen trunk's maps: ``_cache_encoder``). ``inference``:
+        nothing will train it (evaluation), so a fine-tuned encoder's features may be cached too
+        (the cache key hashes its weights)."""
         self.encoder, self.inference = encoder, inference
 
     def _cache_encoder(self) -> tuple[torch.nn.Module | None, str]:
@@ -302,12 +303,15 @@ class CaptionDataModule(L.LightningDataModule):
                 getattr(encoder, "trainable", True)
                 or any(p.requires_grad for p in encoder.parameters())):
             return encoder, "features"
+        if getattr(encoder, "trunk_blocks", None) == getattr(encoder, "num_blocks", -1):
+            return encoder, "features"  # trainable_layers=0: no block ever trains
         trunk = encoder.frozen_trunk() if hasattr(encoder, "frozen_trunk") else None
         if trunk is None:
             raise ValueError(
-                "data.cache_features=true needs a frozen encoder, or a CNN that trains only its "
-                "last blocks (model.encoder.trainable_layers=N): set "
-                "model.encoder.trainable=false, or data.cache_features=false")
+                "data.cache_features=true needs a frozen encoder, or a torchvision or "
+                "EfficientNet-Lite CNN that trains only its last blocks "
+                "(model.encoder.trainable_layers=N): set model.encoder.trainable=false, or "
+                "data.cache_features=false")
         return trunk, "trunk"
 
     def features(self, split: str) -> FeatureCache | None:

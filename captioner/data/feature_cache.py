@@ -1,8 +1,10 @@
-"""Features (R, C) of a frozen encoder, computed once per image list and kept on disk.
+"""Features (R, C) of a frozen encoder (or the map of a fine-tuning CNN's frozen trunk),
+computed once per image list and kept on disk.
 
 One cache entry is a folder ``{cache_dir}/{name}-{key[:16]}/`` holding ``features.npy``
 (N, R, C), read memory-mapped, ``valid.npy`` (N,) (False: an unreadable image, skipped) and
-``meta.json``. The key hashes everything the features depend on: the encoder's class, name and
+``meta.json`` (features.npy holds whatever the module gives per image, e.g. (C', h, w) for a
+trunk). The key hashes everything the features depend on: the encoder's class, name and
 weights (a hash of its state dict, so even a randomly initialised encoder is keyed by its values),
 the transform (image size, normalisation), the storage dtype and the image list (real path, size,
 mtime), so any change gives a new entry. An entry is written into a temporary folder and renamed

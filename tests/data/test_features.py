@@ -1,6 +1,7 @@
 """Cached frozen-encoder features: equal to a forward pass, keyed so any change invalidates,
 written atomically, served by the data module and used by training."""
 
+import copy
 import json
 
 import numpy as np
@@ -191,11 +192,19 @@ def test_fine_tuning_caches_the_frozen_trunk_and_trains_the_rest(synthetic_root,
     with torch.no_grad():
         direct = enc(images)  # (B, R, C)
     torch.testing.assert_close(enc.from_trunk(batch["trunk"]), direct, rtol=1e-4, atol=1e-4)
-    # the trainable blocks learn from the cached maps; the trunk's weights get no gradient
+    # the trainable blocks learn from the cached maps; the trunk never runs again
+    ran = []
+    hooks = [b.register_forward_hook(lambda *_: ran.append(1)) for b in enc.blocks[:3]]
     enc.train()
     enc.from_trunk(batch["trunk"]).sum().backward()
-    assert all(p.grad is not None for p in enc.blocks[3:].parameters())
-    assert all(p.grad is None for p in enc.blocks[:3].parameters())
+    assert all(p.grad is not None for p in enc.blocks[3:].parameters()) and not ran
+    for h in hooks:
+        h.remove()
+    # a copy of the trunk (what extraction runs) takes its blocks and input buffers, not the encoder
+    trunk_copy = copy.deepcopy(enc.frozen_trunk())
+    assert sum(p.numel() for p in trunk_copy.parameters()) == sum(
+        p.numel() for p in enc.blocks[:3].parameters())
+    torch.testing.assert_close(trunk_copy(images), enc.frozen_trunk()(images))
     # its entry is keyed apart from the whole frozen encoder's, and survives the head changing
     trunk_entry = dm.features("val").folder
     with torch.no_grad():
@@ -209,7 +218,34 @@ def test_fine_tuning_caches_the_frozen_trunk_and_trains_the_rest(synthetic_root,
     trunk = enc.frozen_trunk()
     trunk.train()
     assert not any(m.training for m in trunk.modules())
-    # every block trainable: nothing frozen to cache
+    # every block trainable: nothing frozen to cache; none trainable: the whole encoder is cached
     dm.set_encoder(EfficientNetLiteEncoder(pretrained=False, return_layer=3, trainable=True))
     with pytest.raises(ValueError, match="trainable_layers"):
         dm.train_dataloader()
+    dm.set_encoder(EfficientNetLiteEncoder(pretrained=False, return_layer=3, trainable=True,
+                                           trainable_layers=0))
+    assert next(iter(dm.train_dataloader()))["features"].dim() == 3  # (B, R, C)
+
+
+def test_captioning_a_loader_of_trunk_maps_equals_captioning_its_images(synthetic_root, tmp_path):
+    from captioner.checkpoint import build_model
+    from captioner.data.tokenizer import with_vocabulary
+    from captioner.inference import caption_loader
+
+    dm = datamodule(synthetic_root, tmp_path)
+    tok = dm.tokenizer
+    config = with_vocabulary({
+        "_target_": "captioner.models.captioner.Captioner",
+        "encoder": {"_target_": "captioner.models.encoder.EfficientNetLiteEncoder",
+                    "pretrained": False, "return_layer": 3, "trainable": True,
+                    "trainable_layers": 2},
+        "decoder": {"_target_": "captioner.models.lstm_decoder.LSTMDecoder", "_partial_": True,
+                    "embed_dim": 8, "hidden_size": 16, "attention_dim": 8}}, tok)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    dm.set_encoder(model.encoder)
+    decode = {"method": "greedy", "max_length": 5}
+    from_trunk = caption_loader(model, tok, dm.val_dataloader(), decode, progress=False)
+    dm.cache_features = False
+    from_images = caption_loader(model, tok, dm.val_dataloader(), decode, progress=False)
+    assert from_trunk == from_images and len(from_trunk) == len(dm.table("val"))

@@ -177,7 +177,7 @@ class GridEncoder(TrainableMixin, nn.Module):
 
     def frozen_trunk(self) -> nn.Module | None:
         """The leading blocks that never train, as a module mapping images (B, 3, H, W) to their
-        map (B, C', h, w): fixed for the whole run, so a data module may cache it while the last
+        map ((B, C', h, w) for most CNNs, (B, h, w, C') for Swin): fixed for the whole run, so a data module may cache it while the last
         ``trainable_layers`` blocks fine-tune on top (``from_trunk``). None when every block
         trains (nothing to cache) or none does (cache the whole encoder instead)."""
         k = self.trunk_blocks
@@ -196,7 +196,11 @@ class FrozenTrunk(nn.Module):
 
     def __init__(self, encoder: GridEncoder, k: int):
         super().__init__()
-        self.normalise = encoder.normalise  # a bound method: the encoder's input buffers
+        # The encoder's own input buffers (EfficientNet-Lite's re-normalisation), as this
+        # module's: copies and device moves of the trunk take them along, not the whole encoder.
+        for name, buf in encoder.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=False)
+        self._normalise = type(encoder).normalise  # reads only those buffers
         self.blocks = encoder.blocks[:k]
         self._identity = {**encoder.identity(), "trunk_blocks": k}
         self.eval()
@@ -208,7 +212,7 @@ class FrozenTrunk(nn.Module):
         return self._identity
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.blocks(self.normalise(images))  # (B, C', h, w)
+        return self.blocks(self._normalise(self, images))  # the block's map, e.g. (B, C', h, w)
 
 
 CLASS_TOKEN = ("drop", "keep")
