@@ -330,9 +330,9 @@ class CaptionDataModule(L.LightningDataModule):
 
     def dataloader(self, split: str, train: bool = False) -> DataLoader:
         cache = self.features(split) if self.cache_features else None
-        if cache is not None:
-            ds = CachedFeatureDataset(self.table(split), cache, self.k, train,
-                                      key=self._cache_encoder()[1])
+        if cache is not None:  # a trunk entry's key names where its encoder stops
+            key = "trunk" if "trunk_blocks" in cache.meta["encoder"] else "features"
+            ds = CachedFeatureDataset(self.table(split), cache, self.k, train, key=key)
         else:
             transform = self.transform(train=train)
             ds = CaptionImageDataset(self.table(split), transform, self.k, train,
