@@ -294,17 +294,17 @@ class CaptionDataModule(L.LightningDataModule):
         (the cache key hashes its weights)."""
         self.encoder, self.inference = encoder, inference
 
-    def _cache_encoder(self) -> tuple[torch.nn.Module | None, str]:
-        """(what to cache, the batch key it is served under). A frozen encoder (or any, when
-        only evaluating) caches its features; one that fine-tunes its last blocks caches its
-        frozen trunk's maps, and the training step runs the trainable blocks on them."""
+    def _cache_encoder(self) -> torch.nn.Module | None:
+        """What to cache. A frozen encoder (or any, when only evaluating) caches its features;
+        one that fine-tunes its last blocks caches its frozen trunk's maps (served under the
+        batch key ``trunk``), and the training step runs the trainable blocks on them."""
         encoder = self.encoder
         if encoder is None or self.inference or not (
                 getattr(encoder, "trainable", True)
                 or any(p.requires_grad for p in encoder.parameters())):
-            return encoder, "features"
+            return encoder
         if getattr(encoder, "trunk_blocks", None) == getattr(encoder, "num_blocks", -1):
-            return encoder, "features"  # trainable_layers=0: no block ever trains
+            return encoder  # trainable_layers=0: no block ever trains
         trunk = encoder.frozen_trunk() if hasattr(encoder, "frozen_trunk") else None
         if trunk is None:
             raise ValueError(
@@ -312,12 +312,12 @@ class CaptionDataModule(L.LightningDataModule):
                 "EfficientNet-Lite CNN that trains only its last blocks "
                 "(model.encoder.trainable_layers=N): set model.encoder.trainable=false, or "
                 "data.cache_features=false")
-        return trunk, "trunk"
+        return trunk
 
     def features(self, split: str) -> FeatureCache | None:
         """The split's cached encoder features, or frozen-trunk maps (``_cache_encoder``),
         extracted on first use; None without an encoder to extract them with."""
-        encoder, _ = self._cache_encoder()
+        encoder = self._cache_encoder()
         if encoder is None:
             log.info("data.cache_features: no encoder attached, serving images")
             return None

@@ -179,8 +179,8 @@ class GridEncoder(TrainableMixin, nn.Module):
         """The leading blocks that never train, as a module mapping images (B, 3, H, W) to their
         map ((B, C', h, w) for most CNNs, (B, h, w, C') for Swin): fixed for the whole run, so a
         data module may cache it while the last ``trainable_layers`` blocks fine-tune on top
-        (``from_trunk``). None when every block
-        trains (nothing to cache) or none does (cache the whole encoder instead)."""
+        (``from_trunk``). None when every block trains (nothing to cache) or none does (cache
+        the whole encoder instead)."""
         k = self.trunk_blocks
         return FrozenTrunk(self, k) if 0 < k < self.num_blocks else None
 
